@@ -1,0 +1,342 @@
+//! Fault-script steps: the data type, the compact text form and the JSON form.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// What the simulator does with one API request. See the crate docs for the text and JSON forms.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Step {
+    /// Answer 200 with a realistic body for the route (`ok`).
+    #[default]
+    Ok,
+    /// Wait `ms` milliseconds, then answer like [`Step::Ok`] (`delay=<ms>` or `ok:delay=<ms>`).
+    Delay { ms: u64 },
+    /// Answer with an OpenAI-style error (`500`, `429:ra=2`, `429:quota`, ...).
+    Error(ErrorStep),
+    /// Read the request and never answer (`hang`).
+    Hang,
+    /// Read the request, then reset the connection (RST) before any response byte (`reset`).
+    Reset,
+    /// Send 200 headers announcing the full Content-Length, send only part of the body, close (`cut`).
+    Cut,
+    /// Streaming request: send the SSE headers and some events, then close (`stream-cut`).
+    /// On a non-streaming request it behaves like [`Step::Cut`].
+    StreamCut,
+}
+
+/// Parameters of an error step ([`Step::Error`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ErrorStep {
+    /// HTTP status, 400..=599.
+    pub status: u16,
+    /// `retry-after: <secs>` header (`ra=<secs>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_secs: Option<u64>,
+    /// `retry-after-ms: <ms>` header (`ra-ms=<ms>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+    /// `retry-after: <IMF-fixdate>` this many seconds in the future (`ra-date=<secs>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_date_secs: Option<u64>,
+    /// `x-should-retry: true|false` header (`retry=true|false`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub should_retry: Option<bool>,
+    /// 429 only: `insufficient_quota` instead of `rate_limit_exceeded` (`quota`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub quota: bool,
+    /// Wait this long before answering (`delay=<ms>`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub delay_ms: u64,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl Step {
+    /// A plain error step with the given status and no modifiers.
+    pub fn status(status: u16) -> Step {
+        Step::Error(ErrorStep {
+            status,
+            ..ErrorStep::default()
+        })
+    }
+
+    /// Check invariants that the type system does not enforce (status range, quota only on 429).
+    pub fn validate(&self) -> Result<(), String> {
+        if let Step::Error(e) = self {
+            if !(400..=599).contains(&e.status) {
+                return Err(format!(
+                    "error status must be within 400..=599, got {}",
+                    e.status
+                ));
+            }
+            if e.quota && e.status != 429 {
+                return Err("`quota` only applies to status 429".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn parse_num(key: &str, v: &str) -> Result<u64, String> {
+    v.parse::<u64>()
+        .map_err(|_| format!("`{key}` needs a non-negative integer, got `{v}`"))
+}
+
+impl FromStr for Step {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Step, String> {
+        let lower = s.trim().to_ascii_lowercase();
+        if lower.is_empty() {
+            return Err("empty step".into());
+        }
+        let mut parts = lower.split([':', '+']).map(str::trim);
+        let head = parts.next().unwrap_or_default();
+        let mut delay: Option<u64> = None;
+        let mut err: Option<ErrorStep> = None;
+        let base = match head {
+            "ok" | "200" => Step::Ok,
+            "hang" => Step::Hang,
+            "reset" => Step::Reset,
+            "cut" => Step::Cut,
+            "stream-cut" | "stream_cut" | "streamcut" => Step::StreamCut,
+            h if h.starts_with("delay=") => {
+                delay = Some(parse_num("delay", &h["delay=".len()..])?);
+                Step::Ok
+            }
+            h if !h.is_empty() && h.bytes().all(|b| b.is_ascii_digit()) => {
+                let status: u16 = h.parse().map_err(|_| format!("bad status `{h}`"))?;
+                err = Some(ErrorStep {
+                    status,
+                    ..ErrorStep::default()
+                });
+                Step::Ok
+            }
+            other => return Err(format!("unknown step `{other}` in `{}`", s.trim())),
+        };
+        for m in parts {
+            if m.is_empty() {
+                continue;
+            }
+            let (k, v) = m.split_once('=').unwrap_or((m, ""));
+            let (k, v) = (k.trim(), v.trim());
+            if k == "delay" {
+                match base {
+                    Step::Ok => delay = Some(parse_num(k, v)?),
+                    _ => return Err(format!("`delay` does not apply to `{head}`")),
+                }
+                continue;
+            }
+            let Some(e) = err.as_mut() else {
+                return Err(format!(
+                    "modifier `{k}` only applies to error statuses, not `{head}`"
+                ));
+            };
+            match k {
+                "ra" | "retry-after" => e.retry_after_secs = Some(parse_num(k, v)?),
+                "ra-ms" | "retry-after-ms" => e.retry_after_ms = Some(parse_num(k, v)?),
+                "ra-date" | "retry-after-date" => e.retry_after_date_secs = Some(parse_num(k, v)?),
+                "retry" | "should-retry" | "x-should-retry" => {
+                    e.should_retry = Some(match v {
+                        "true" | "1" | "yes" | "" => true,
+                        "false" | "0" | "no" => false,
+                        _ => return Err(format!("`retry` needs true or false, got `{v}`")),
+                    })
+                }
+                "quota" => {
+                    e.quota = match v {
+                        "" | "true" | "1" | "yes" => true,
+                        "false" | "0" | "no" => false,
+                        _ => return Err(format!("`quota` takes no value or true/false, got `{v}`")),
+                    }
+                }
+                _ => return Err(format!("unknown modifier `{k}`")),
+            }
+        }
+        let step = match (err, delay) {
+            (Some(mut e), d) => {
+                e.delay_ms = d.unwrap_or(0);
+                Step::Error(e)
+            }
+            (None, Some(ms)) if ms > 0 => Step::Delay { ms },
+            (None, _) => base,
+        };
+        step.validate()?;
+        Ok(step)
+    }
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Step::Ok => f.write_str("ok"),
+            Step::Delay { ms } => write!(f, "delay={ms}"),
+            Step::Hang => f.write_str("hang"),
+            Step::Reset => f.write_str("reset"),
+            Step::Cut => f.write_str("cut"),
+            Step::StreamCut => f.write_str("stream-cut"),
+            Step::Error(e) => {
+                write!(f, "{}", e.status)?;
+                if e.quota {
+                    f.write_str(":quota")?;
+                }
+                if let Some(v) = e.retry_after_secs {
+                    write!(f, ":ra={v}")?;
+                }
+                if let Some(v) = e.retry_after_ms {
+                    write!(f, ":ra-ms={v}")?;
+                }
+                if let Some(v) = e.retry_after_date_secs {
+                    write!(f, ":ra-date={v}")?;
+                }
+                if let Some(v) = e.should_retry {
+                    write!(f, ":retry={v}")?;
+                }
+                if e.delay_ms > 0 {
+                    write!(f, ":delay={}", e.delay_ms)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Parse the compact comma-separated script form, e.g. `"500,500:ra=1,ok"`.
+///
+/// Whitespace around items is ignored and empty items are skipped, so `""` is an empty script.
+pub fn parse_script(text: &str) -> Result<Vec<Step>, String> {
+    text.split([',', '\n', ';'])
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(Step::from_str)
+        .collect()
+}
+
+/// Parse a control-route body: compact text, a JSON string, a JSON step object, or a JSON
+/// array whose items are step objects or compact-text strings.
+pub(crate) fn parse_steps_body(body: &str) -> Result<Vec<Step>, String> {
+    let t = body.trim();
+    if t.starts_with('[') || t.starts_with('{') || t.starts_with('"') {
+        let v: serde_json::Value =
+            serde_json::from_str(t).map_err(|e| format!("invalid JSON: {e}"))?;
+        let items = match v {
+            serde_json::Value::Array(items) => items,
+            other => vec![other],
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            match item {
+                serde_json::Value::String(s) => out.extend(parse_script(&s)?),
+                other => {
+                    let step: Step = serde_json::from_value(other)
+                        .map_err(|e| format!("invalid step object: {e}"))?;
+                    step.validate()?;
+                    out.push(step);
+                }
+            }
+        }
+        Ok(out)
+    } else {
+        parse_script(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_compact_forms() {
+        let s = parse_script("500, 500:ra=2 ,OK,delay=150,429:quota,hang,reset,cut,stream-cut")
+            .unwrap();
+        assert_eq!(
+            s,
+            vec![
+                Step::status(500),
+                Step::Error(ErrorStep {
+                    status: 500,
+                    retry_after_secs: Some(2),
+                    ..Default::default()
+                }),
+                Step::Ok,
+                Step::Delay { ms: 150 },
+                Step::Error(ErrorStep {
+                    status: 429,
+                    quota: true,
+                    ..Default::default()
+                }),
+                Step::Hang,
+                Step::Reset,
+                Step::Cut,
+                Step::StreamCut,
+            ]
+        );
+        let e: Step = "503:ra-ms=250+ra-date=3:retry=false:delay=10".parse().unwrap();
+        assert_eq!(
+            e,
+            Step::Error(ErrorStep {
+                status: 503,
+                retry_after_ms: Some(250),
+                retry_after_date_secs: Some(3),
+                should_retry: Some(false),
+                delay_ms: 10,
+                ..Default::default()
+            })
+        );
+        assert_eq!("ok:delay=20".parse::<Step>().unwrap(), Step::Delay { ms: 20 });
+        assert_eq!(parse_script("").unwrap(), vec![]);
+    }
+
+    #[test]
+    fn rejects_bad_forms() {
+        for bad in [
+            "nope", "700", "200:ra=1", "500:ra=x", "500:quota", "hang:delay=5", "500:zzz",
+            "delay=",
+        ] {
+            assert!(bad.parse::<Step>().is_err(), "{bad} should fail");
+        }
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for s in [
+            "ok",
+            "delay=5",
+            "500",
+            "429:quota:ra=1:ra-ms=20:ra-date=3:retry=true:delay=7",
+            "hang",
+            "reset",
+            "cut",
+            "stream-cut",
+        ] {
+            let step: Step = s.parse().unwrap();
+            assert_eq!(step.to_string(), s);
+        }
+    }
+
+    #[test]
+    fn json_forms() {
+        let steps = parse_steps_body(
+            r#"[{"kind":"error","status":429,"retry_after_secs":1},"500,ok",{"kind":"delay","ms":5},{"kind":"stream_cut"}]"#,
+        )
+        .unwrap();
+        assert_eq!(steps.len(), 5);
+        assert_eq!(
+            serde_json::to_string(&steps[0]).unwrap(),
+            r#"{"kind":"error","status":429,"retry_after_secs":1}"#
+        );
+        assert_eq!(serde_json::to_string(&Step::Ok).unwrap(), r#"{"kind":"ok"}"#);
+        assert_eq!(steps[4], Step::StreamCut);
+        assert!(parse_steps_body(r#"{"kind":"error","status":200}"#).is_err());
+        assert_eq!(parse_steps_body("\"503\"").unwrap(), vec![Step::status(503)]);
+    }
+}
