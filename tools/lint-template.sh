@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Lints template.yaml with cfn-lint and `sam validate --lint` (offline).
+# Creates .venv-sam in the repo root on first use (tools/requirements-sam.txt).
+# Quiet and idempotent: prints one line on success; any error or warning fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=.venv-sam
+REQ=tools/requirements-sam.txt
+stamp="$VENV/.requirements-sam.sha256"
+want="$(sha256sum "$REQ" | cut -d' ' -f1)"
+if [[ ! -x "$VENV/bin/sam" || ! -x "$VENV/bin/cfn-lint" || "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
+    [[ -x "$VENV/bin/python3" ]] || python3 -m venv "$VENV"
+    printf '*\n' > "$VENV/.gitignore"   # keep the venv out of git
+    "$VENV/bin/pip" install -q --disable-pip-version-check -r "$REQ" >"$VENV/pip.log" 2>&1 \
+        || { cat "$VENV/pip.log" >&2; echo "lint-template: pip install failed" >&2; exit 1; }
+    echo "$want" > "$stamp"
+fi
+
+export SAM_CLI_TELEMETRY=0 AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-us-east-1}"
+# Offline: no credentials needed, and none from the environment are used.
+export AWS_EC2_METADATA_DISABLED=true
+
+out="$(mktemp)"; trap 'rm -f "$out"' EXIT
+
+# cfn-lint exits non-zero on errors (2) and warnings (4); informational (8) is
+# not enabled by default. Any output at all is treated as a failure too.
+if ! "$VENV/bin/cfn-lint" --format parseable template.yaml >"$out" 2>&1 || [[ -s "$out" ]]; then
+    echo "lint-template: cfn-lint found problems:" >&2; cat "$out" >&2; exit 1
+fi
+
+if ! "$VENV/bin/sam" validate --lint --region "$AWS_DEFAULT_REGION" --template-file template.yaml >"$out" 2>&1 \
+    || ! grep -q "is a valid SAM Template" "$out" \
+    || grep -qiE "warn|error|E[0-9]{4}|W[0-9]{4}" "$out"; then
+    echo "lint-template: sam validate --lint failed:" >&2; cat "$out" >&2; exit 1
+fi
+
+echo "template.yaml: cfn-lint and sam validate --lint passed (0 errors, 0 warnings)"
