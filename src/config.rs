@@ -1,0 +1,392 @@
+//! Settings (spec §7), parsed once at cold start from the environment.
+//!
+//! A bad value never crashes the process: the error names the setting (never its value) and
+//! the edge answers every proxied request with 500 `config_error` while `/health` keeps working.
+
+use std::fmt;
+
+use reqwest::Url;
+
+/// Everything the function can be configured with. Built by [`Settings::from_env`].
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Upstream base URL without a trailing slash, e.g. `https://api.openai.com/v1`.
+    pub openai_base_url: String,
+    pub openai_organization: Option<String>,
+    pub openai_project: Option<String>,
+    pub openai_key: KeySource,
+    pub auth: ClientAuth,
+    pub allowed_models: Option<ModelAllowList>,
+    pub max_body_bytes: usize,
+    pub retry_max_attempts: u32,
+    pub retry_base_delay_ms: u64,
+    pub retry_max_delay_ms: u64,
+    pub deadline_margin_ms: u64,
+    pub min_attempt_ms: u64,
+    pub connect_timeout_ms: u64,
+    pub attempt_timeout_ms: Option<u64>,
+    pub gateway_timeout_ms: Option<u64>,
+    pub fallback_timeout_ms: u64,
+    pub metrics_backend: MetricsBackend,
+    pub metrics_namespace: String,
+    /// `AWS_LAMBDA_FUNCTION_NAME`, the metrics dimension.
+    pub function_name: String,
+}
+
+/// Where the server's OpenAI key comes from.
+#[derive(Clone)]
+pub enum KeySource {
+    SecretArn(String),
+    Env(String),
+}
+
+impl fmt::Debug for KeySource {
+    // Never print the key itself.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeySource::SecretArn(arn) => write!(f, "SecretArn({arn})"),
+            KeySource::Env(_) => f.write_str("Env(<redacted>)"),
+        }
+    }
+}
+
+/// How callers of the function are authenticated.
+#[derive(Clone)]
+pub enum ClientAuth {
+    /// `AUTH_MODE=none`: an API Gateway authorizer does it.
+    Disabled,
+    /// Tokens from a Secrets Manager secret (comma list or JSON).
+    SecretArn(String),
+    /// Tokens from `PROXY_API_KEYS`.
+    Tokens(Vec<String>),
+}
+
+impl fmt::Debug for ClientAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClientAuth::Disabled => f.write_str("Disabled"),
+            ClientAuth::SecretArn(arn) => write!(f, "SecretArn({arn})"),
+            ClientAuth::Tokens(t) => write!(f, "Tokens(<{} redacted>)", t.len()),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricsBackend {
+    CloudWatch,
+    Emf,
+    None,
+}
+
+/// `ALLOWED_MODELS`: exact names, or prefixes written with a trailing `*`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelAllowList {
+    exact: Vec<String>,
+    prefixes: Vec<String>,
+}
+
+impl ModelAllowList {
+    pub fn parse(list: &str) -> Option<ModelAllowList> {
+        let mut allow = ModelAllowList {
+            exact: Vec::new(),
+            prefixes: Vec::new(),
+        };
+        for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            match item.strip_suffix('*') {
+                Some(prefix) => allow.prefixes.push(prefix.to_owned()),
+                None => allow.exact.push(item.to_owned()),
+            }
+        }
+        (!allow.exact.is_empty() || !allow.prefixes.is_empty()).then_some(allow)
+    }
+
+    pub fn allows(&self, model: &str) -> bool {
+        self.exact.iter().any(|m| m == model) || self.prefixes.iter().any(|p| model.starts_with(p))
+    }
+}
+
+/// A setting that could not be used. Displays the setting's name and the problem, never the value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub setting: &'static str,
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.setting, self.problem)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Largest payload Lambda accepts synchronously; a bigger limit could never apply.
+const LAMBDA_PAYLOAD_LIMIT: u64 = 6 * 1024 * 1024;
+/// Lambda's maximum timeout; no sensible duration setting exceeds it.
+const FIFTEEN_MINUTES_MS: u64 = 15 * 60 * 1000;
+
+impl Settings {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Settings, ConfigError> {
+        Settings::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads settings through `lookup` (tests pass a map). Empty values count as unset.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Settings, ConfigError> {
+        let env = Env(&lookup);
+        let openai_base_url = match env.get("OPENAI_BASE_URL") {
+            None => "https://api.openai.com/v1".to_owned(),
+            Some(raw) => parse_base_url(&raw)?,
+        };
+        let openai_key = match (
+            env.get("OPENAI_API_KEY_SECRET_ARN"),
+            env.get("OPENAI_API_KEY"),
+        ) {
+            (Some(arn), _) => KeySource::SecretArn(arn),
+            (None, Some(key)) => KeySource::Env(key),
+            (None, None) => {
+                return Err(ConfigError {
+                    setting: "OPENAI_API_KEY",
+                    problem: "is not set (set OPENAI_API_KEY_SECRET_ARN or OPENAI_API_KEY)".into(),
+                });
+            }
+        };
+        let auth_disabled = match env.get("AUTH_MODE").as_deref() {
+            None => false,
+            Some(mode) if mode.eq_ignore_ascii_case("none") => true,
+            Some(mode) if mode.eq_ignore_ascii_case("api_key") => false,
+            Some(_) => return Err(invalid("AUTH_MODE", "must be `api_key` or `none`")),
+        };
+        let auth = if auth_disabled {
+            ClientAuth::Disabled
+        } else if let Some(arn) = env.get("PROXY_API_KEYS_SECRET_ARN") {
+            ClientAuth::SecretArn(arn)
+        } else {
+            let tokens: Vec<String> = env
+                .get("PROXY_API_KEYS")
+                .unwrap_or_default()
+                .split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned)
+                .collect();
+            if tokens.is_empty() {
+                return Err(ConfigError {
+                    setting: "PROXY_API_KEYS",
+                    problem: "is not set: no client tokens configured (set PROXY_API_KEYS_SECRET_ARN or PROXY_API_KEYS, or AUTH_MODE=none behind an authorizer)".into(),
+                });
+            }
+            ClientAuth::Tokens(tokens)
+        };
+        let metrics_backend = match env.get("METRICS_BACKEND").as_deref() {
+            None => MetricsBackend::CloudWatch,
+            Some(b) if b.eq_ignore_ascii_case("cloudwatch") => MetricsBackend::CloudWatch,
+            Some(b) if b.eq_ignore_ascii_case("emf") => MetricsBackend::Emf,
+            Some(b) if b.eq_ignore_ascii_case("none") => MetricsBackend::None,
+            Some(_) => {
+                return Err(invalid(
+                    "METRICS_BACKEND",
+                    "must be `cloudwatch`, `emf` or `none`",
+                ));
+            }
+        };
+        let metrics_namespace = env
+            .get("METRICS_NAMESPACE")
+            .unwrap_or_else(|| "OpenAIProxy".into());
+        if metrics_namespace.len() > 255 || metrics_namespace.starts_with("AWS/") {
+            return Err(invalid(
+                "METRICS_NAMESPACE",
+                "must be at most 255 characters and not start with `AWS/`",
+            ));
+        }
+        let retry_max_attempts = env.number("RETRY_MAX_ATTEMPTS", 5, 1, 20)? as u32;
+        Ok(Settings {
+            openai_base_url,
+            openai_organization: env.get("OPENAI_ORGANIZATION"),
+            openai_project: env.get("OPENAI_PROJECT"),
+            openai_key,
+            auth,
+            allowed_models: env
+                .get("ALLOWED_MODELS")
+                .and_then(|l| ModelAllowList::parse(&l)),
+            max_body_bytes: env.number("MAX_BODY_BYTES", 1024 * 1024, 1, LAMBDA_PAYLOAD_LIMIT)?
+                as usize,
+            retry_max_attempts,
+            retry_base_delay_ms: env.number("RETRY_BASE_DELAY_MS", 1000, 0, FIFTEEN_MINUTES_MS)?,
+            retry_max_delay_ms: env.number("RETRY_MAX_DELAY_MS", 8000, 0, FIFTEEN_MINUTES_MS)?,
+            deadline_margin_ms: env.number("DEADLINE_MARGIN_MS", 500, 0, 60_000)?,
+            min_attempt_ms: env.number("MIN_ATTEMPT_MS", 1000, 0, FIFTEEN_MINUTES_MS)?,
+            connect_timeout_ms: env.number("CONNECT_TIMEOUT_MS", 2000, 1, FIFTEEN_MINUTES_MS)?,
+            attempt_timeout_ms: env.optional_number("ATTEMPT_TIMEOUT_MS", 1, FIFTEEN_MINUTES_MS)?,
+            gateway_timeout_ms: env.optional_number("GATEWAY_TIMEOUT_MS", 1, FIFTEEN_MINUTES_MS)?,
+            fallback_timeout_ms: env.number(
+                "FALLBACK_TIMEOUT_MS",
+                30_000,
+                1,
+                FIFTEEN_MINUTES_MS,
+            )?,
+            metrics_backend,
+            metrics_namespace,
+            function_name: env
+                .get("AWS_LAMBDA_FUNCTION_NAME")
+                .unwrap_or_else(|| "openai-lambda-proxy".into()),
+        })
+    }
+}
+
+fn invalid(setting: &'static str, problem: &str) -> ConfigError {
+    ConfigError {
+        setting,
+        problem: problem.to_owned(),
+    }
+}
+
+fn parse_base_url(raw: &str) -> Result<String, ConfigError> {
+    let url =
+        Url::parse(raw.trim()).map_err(|_| invalid("OPENAI_BASE_URL", "is not a valid URL"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(invalid(
+            "OPENAI_BASE_URL",
+            "must be an http(s) URL with a host",
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(invalid(
+            "OPENAI_BASE_URL",
+            "must not carry a query or fragment",
+        ));
+    }
+    Ok(url.as_str().trim_end_matches('/').to_owned())
+}
+
+struct Env<'a, F: Fn(&str) -> Option<String>>(&'a F);
+
+impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
+    fn get(&self, name: &str) -> Option<String> {
+        (self.0)(name)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn optional_number(
+        &self,
+        name: &'static str,
+        min: u64,
+        max: u64,
+    ) -> Result<Option<u64>, ConfigError> {
+        let Some(raw) = self.get(name) else {
+            return Ok(None);
+        };
+        match raw.parse::<u64>() {
+            Ok(n) if (min..=max).contains(&n) => Ok(Some(n)),
+            Ok(_) => Err(ConfigError {
+                setting: name,
+                problem: format!("is out of range (allowed {min}..={max})"),
+            }),
+            Err(_) => Err(invalid(name, "is not a whole number")),
+        }
+    }
+
+    fn number(
+        &self,
+        name: &'static str,
+        default: u64,
+        min: u64,
+        max: u64,
+    ) -> Result<u64, ConfigError> {
+        Ok(self.optional_number(name, min, max)?.unwrap_or(default))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn settings(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Settings::from_lookup(|k| map.get(k).cloned())
+    }
+
+    const MINIMAL: [(&str, &str); 2] =
+        [("OPENAI_API_KEY", "sk-test"), ("PROXY_API_KEYS", "t1, t2")];
+
+    #[test]
+    fn defaults_follow_the_spec() {
+        let s = settings(&MINIMAL).unwrap();
+        assert_eq!(s.openai_base_url, "https://api.openai.com/v1");
+        assert_eq!(s.max_body_bytes, 1_048_576);
+        assert_eq!(s.retry_max_attempts, 5);
+        assert_eq!((s.retry_base_delay_ms, s.retry_max_delay_ms), (1000, 8000));
+        assert_eq!((s.deadline_margin_ms, s.min_attempt_ms), (500, 1000));
+        assert_eq!(s.connect_timeout_ms, 2000);
+        assert_eq!((s.attempt_timeout_ms, s.gateway_timeout_ms), (None, None));
+        assert_eq!(s.fallback_timeout_ms, 30_000);
+        assert_eq!(s.metrics_backend, MetricsBackend::CloudWatch);
+        assert_eq!(s.metrics_namespace, "OpenAIProxy");
+        assert!(matches!(s.auth, ClientAuth::Tokens(ref t) if t == &["t1", "t2"]));
+    }
+
+    #[test]
+    fn bad_values_name_the_setting_never_the_value() {
+        for (name, value) in [
+            ("RETRY_MAX_ATTEMPTS", "lots"),
+            ("RETRY_MAX_ATTEMPTS", "21"),
+            ("MAX_BODY_BYTES", "99999999999"),
+            ("METRICS_BACKEND", "statsd-secret"),
+            ("OPENAI_BASE_URL", "not a url secret"),
+            ("OPENAI_BASE_URL", "ftp://example.com"),
+            ("AUTH_MODE", "maybe"),
+            ("CONNECT_TIMEOUT_MS", "-5"),
+        ] {
+            let mut pairs = MINIMAL.to_vec();
+            pairs.push((name, value));
+            let err = settings(&pairs).unwrap_err();
+            assert_eq!(err.setting, name);
+            assert!(!err.to_string().contains(value), "{err} leaks {value}");
+        }
+    }
+
+    #[test]
+    fn fails_closed_without_tokens_unless_auth_is_off() {
+        let err = settings(&[("OPENAI_API_KEY", "k")]).unwrap_err();
+        assert_eq!(err.setting, "PROXY_API_KEYS");
+        let s = settings(&[("OPENAI_API_KEY", "k"), ("AUTH_MODE", "none")]).unwrap();
+        assert!(matches!(s.auth, ClientAuth::Disabled));
+        let err = settings(&[("PROXY_API_KEYS", "t")]).unwrap_err();
+        assert_eq!(err.setting, "OPENAI_API_KEY");
+    }
+
+    #[test]
+    fn empty_values_count_as_unset_and_urls_are_normalised() {
+        let mut pairs = MINIMAL.to_vec();
+        pairs.extend([
+            ("ATTEMPT_TIMEOUT_MS", ""),
+            ("OPENAI_BASE_URL", "http://127.0.0.1:9/v1/"),
+        ]);
+        let s = settings(&pairs).unwrap();
+        assert_eq!(s.attempt_timeout_ms, None);
+        assert_eq!(s.openai_base_url, "http://127.0.0.1:9/v1");
+    }
+
+    #[test]
+    fn model_allow_list_matches_exact_names_and_prefixes() {
+        let allow = ModelAllowList::parse("gpt-4o*, text-embedding-3-small").unwrap();
+        assert!(allow.allows("gpt-4o-mini"));
+        assert!(allow.allows("gpt-4o"));
+        assert!(allow.allows("text-embedding-3-small"));
+        assert!(!allow.allows("text-embedding-3-large"));
+        assert!(!allow.allows("gpt-4"));
+        assert_eq!(ModelAllowList::parse(" , "), None);
+    }
+
+    #[test]
+    fn debug_output_redacts_keys() {
+        let s = settings(&MINIMAL).unwrap();
+        let dbg = format!("{s:?}");
+        assert!(!dbg.contains("sk-test") && !dbg.contains("t1"));
+    }
+}

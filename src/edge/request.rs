@@ -1,0 +1,226 @@
+//! Reading the Lambda event: which gateway sent it, method, path, headers, body, start time.
+//! Total over any JSON: a shape we do not know is an error value, never a panic.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde_json::Value;
+
+use crate::budget::GatewayKind;
+
+/// The parts of an API Gateway / function URL event the function uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatewayEvent {
+    pub kind: GatewayKind,
+    pub method: String,
+    pub path: String,
+    /// Lower-case names; repeated headers joined with `,`.
+    pub headers: Vec<(String, String)>,
+    /// Raw `body` field, still base64 if `is_base64`.
+    pub body: Option<String>,
+    pub is_base64: bool,
+    /// `requestContext.timeEpoch` (v2, function URL) or `requestTimeEpoch` (v1), epoch ms.
+    pub start_ms: Option<u64>,
+}
+
+/// The body could not be read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyError {
+    TooLarge,
+    BadBase64,
+}
+
+impl GatewayEvent {
+    /// Recognises API Gateway HTTP API (2.0), REST API (1.0) and function URL events.
+    pub fn parse(event: &Value) -> Option<GatewayEvent> {
+        let ctx = event.get("requestContext").filter(|c| c.is_object());
+        let (kind, method, path, start_ms) = if let Some(http) = ctx.and_then(|c| c.get("http")) {
+            let domain = ctx.and_then(|c| str_of(c, "domainName")).unwrap_or("");
+            let kind = if domain.contains(".lambda-url.") {
+                GatewayKind::FunctionUrl
+            } else {
+                GatewayKind::HttpApiV2
+            };
+            let path = str_of(event, "rawPath").or_else(|| str_of(http, "path"))?;
+            (
+                kind,
+                str_of(http, "method")?,
+                path,
+                ctx.and_then(|c| u64_of(c, "timeEpoch")),
+            )
+        } else if let Some(method) = str_of(event, "httpMethod") {
+            let path = str_of(event, "path").or_else(|| ctx.and_then(|c| str_of(c, "path")))?;
+            (
+                GatewayKind::RestV1,
+                method,
+                path,
+                ctx.and_then(|c| u64_of(c, "requestTimeEpoch")),
+            )
+        } else {
+            return None;
+        };
+        Some(GatewayEvent {
+            kind,
+            method: method.to_ascii_uppercase(),
+            path: path.to_owned(),
+            headers: headers_of(event),
+            body: str_of(event, "body").map(str::to_owned),
+            is_base64: event
+                .get("isBase64Encoded")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            start_ms,
+        })
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The decoded body, refusing anything over `max` bytes before and after decoding.
+    pub fn body_bytes(&self, max: usize) -> Result<Vec<u8>, BodyError> {
+        let Some(raw) = &self.body else {
+            return Ok(Vec::new());
+        };
+        if !self.is_base64 {
+            return if raw.len() > max {
+                Err(BodyError::TooLarge)
+            } else {
+                Ok(raw.as_bytes().to_vec())
+            };
+        }
+        // Base64 is 4/3 of the payload: reject early without decoding a huge string.
+        if raw.len() / 4 * 3 > max + 3 {
+            return Err(BodyError::TooLarge);
+        }
+        let bytes = BASE64
+            .decode(raw.trim())
+            .map_err(|_| BodyError::BadBase64)?;
+        if bytes.len() > max {
+            Err(BodyError::TooLarge)
+        } else {
+            Ok(bytes)
+        }
+    }
+}
+
+fn str_of<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
+    v.get(key).and_then(Value::as_str)
+}
+
+/// Epoch ms as a number (or a numeric string, as some emulators send).
+fn u64_of(v: &Value, key: &str) -> Option<u64> {
+    match v.get(key)? {
+        Value::Number(n) => n
+            .as_u64()
+            .or_else(|| n.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64)),
+        Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+fn headers_of(event: &Value) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    let mut add = |name: &str, value: &str| {
+        let name = name.to_ascii_lowercase();
+        match out.iter_mut().find(|(k, _)| *k == name) {
+            Some((_, v)) if !v.split(',').any(|x| x.trim() == value) => {
+                v.push(',');
+                v.push_str(value);
+            }
+            Some(_) => {}
+            None => out.push((name, value.to_owned())),
+        }
+    };
+    if let Some(map) = event.get("headers").and_then(Value::as_object) {
+        for (k, v) in map {
+            if let Some(v) = v.as_str() {
+                add(k, v);
+            }
+        }
+    }
+    // REST v1 repeats headers here; single-value `headers` already has the last of each.
+    if let Some(map) = event.get("multiValueHeaders").and_then(Value::as_object) {
+        for (k, vs) in map {
+            for v in vs
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+            {
+                add(k, v);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn http_api_v2() {
+        let e = json!({"version": "2.0", "rawPath": "/v1/chat/completions",
+            "headers": {"Authorization": "Bearer x", "content-type": "application/json"},
+            "requestContext": {"domainName": "abc.execute-api.us-east-1.amazonaws.com",
+                "http": {"method": "post", "path": "/v1/chat/completions"}, "timeEpoch": 1700000000000u64},
+            "body": "{}", "isBase64Encoded": false});
+        let g = GatewayEvent::parse(&e).unwrap();
+        assert_eq!(g.kind, GatewayKind::HttpApiV2);
+        assert_eq!(
+            (g.method.as_str(), g.path.as_str()),
+            ("POST", "/v1/chat/completions")
+        );
+        assert_eq!(g.header("authorization"), Some("Bearer x"));
+        assert_eq!(g.start_ms, Some(1_700_000_000_000));
+    }
+
+    #[test]
+    fn function_url_is_told_apart_by_its_domain() {
+        let e = json!({"version": "2.0", "rawPath": "/health",
+            "requestContext": {"domainName": "xyz.lambda-url.us-east-1.on.aws", "http": {"method": "GET"}, "timeEpoch": 1}});
+        assert_eq!(
+            GatewayEvent::parse(&e).unwrap().kind,
+            GatewayKind::FunctionUrl
+        );
+    }
+
+    #[test]
+    fn rest_v1_with_multi_value_headers() {
+        let e = json!({"httpMethod": "POST", "path": "/v1/embeddings",
+            "headers": {"X-A": "1"}, "multiValueHeaders": {"X-A": ["1", "2"]},
+            "requestContext": {"requestTimeEpoch": 1700000000000u64, "stage": "prod"}, "body": null});
+        let g = GatewayEvent::parse(&e).unwrap();
+        assert_eq!(g.kind, GatewayKind::RestV1);
+        assert_eq!(g.header("x-a"), Some("1,2"));
+        assert_eq!(g.body, None);
+    }
+
+    #[test]
+    fn unknown_shapes_are_none() {
+        for e in [
+            json!(null),
+            json!([]),
+            json!({"foo": 1}),
+            json!({"requestContext": {"http": {}}}),
+            json!({"httpMethod": 5}),
+        ] {
+            assert_eq!(GatewayEvent::parse(&e), None, "{e}");
+        }
+    }
+
+    #[test]
+    fn base64_bodies_are_decoded_and_size_checked() {
+        let mut g = GatewayEvent::parse(&json!({"httpMethod": "POST", "path": "/", "body": "eyJhIjoxfQ==", "isBase64Encoded": true})).unwrap();
+        assert_eq!(g.body_bytes(100).unwrap(), br#"{"a":1}"#);
+        assert_eq!(g.body_bytes(6), Err(BodyError::TooLarge));
+        g.body = Some("!!!".into());
+        assert_eq!(g.body_bytes(100), Err(BodyError::BadBase64));
+        g.is_base64 = false;
+        assert_eq!(g.body_bytes(2), Err(BodyError::TooLarge));
+    }
+}

@@ -1,0 +1,732 @@
+//! The retry loop, bounded by the deadline (spec §3, §4).
+//!
+//! Invariants (checked by the property test below): the loop never starts an attempt with less
+//! than `MIN_ATTEMPT_MS` left, never starts a sleep after which less than that would remain,
+//! never lets an attempt's timeout pass the deadline, and never makes more than
+//! `RETRY_MAX_ATTEMPTS` attempts. So it always finishes by the deadline.
+
+use std::future::Future;
+
+use super::policy::{self, Jitter, RetryPolicy, Verdict};
+use super::{AttemptOutcome, FailureKind, UpstreamReply};
+
+/// Milliseconds since the Unix epoch, injected.
+pub trait Clock {
+    fn now_ms(&self) -> u64;
+}
+
+/// Waiting, injected.
+pub trait Sleeper {
+    fn sleep(&self, ms: u64) -> impl Future<Output = ()> + Send;
+}
+
+/// The engine's settings.
+#[derive(Clone, Copy, Debug)]
+pub struct Engine {
+    pub policy: RetryPolicy,
+    /// `MIN_ATTEMPT_MS`: no attempt is started with less time than this left.
+    pub min_attempt_ms: u64,
+    /// `ATTEMPT_TIMEOUT_MS`, if set.
+    pub attempt_timeout_ms: Option<u64>,
+}
+
+/// What the attempt closure is told: which attempt, and how long it may take at most.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttemptPlan {
+    pub number: u32,
+    pub timeout_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Done,
+    Retry,
+    GiveUp,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Done => "done",
+            Decision::Retry => "retry",
+            Decision::GiveUp => "give_up",
+        }
+    }
+}
+
+/// Why the engine stopped retrying a retryable failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GiveUpReason {
+    /// `RETRY_MAX_ATTEMPTS` reached.
+    AttemptsExhausted,
+    /// After the next wait, less than `MIN_ATTEMPT_MS` would remain.
+    BudgetExhausted,
+    /// The upstream's `Retry-After` wait ends past the deadline.
+    RetryAfterPastDeadline,
+    /// The attempt was cut at the deadline while still waiting on the upstream.
+    DeadlineReached,
+}
+
+impl GiveUpReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GiveUpReason::AttemptsExhausted => "attempts exhausted",
+            GiveUpReason::BudgetExhausted => "budget exhausted",
+            GiveUpReason::RetryAfterPastDeadline => "retry-after past deadline",
+            GiveUpReason::DeadlineReached => "deadline reached",
+        }
+    }
+}
+
+/// One attempt, as logged (`upstream attempt`, spec §6).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttemptRecord {
+    pub attempt: u32,
+    pub status: Option<u16>,
+    pub error_kind: Option<FailureKind>,
+    pub latency_ms: u64,
+    pub upstream_request_id: Option<String>,
+    pub decision: Decision,
+    pub reason: String,
+    pub next_delay_ms: Option<u64>,
+    /// Budget left when the attempt ended.
+    pub remaining_ms: u64,
+}
+
+/// How the run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// A final upstream answer (success or a non-retryable status) to pass on.
+    Answer(UpstreamReply),
+    /// Retryable failures used up the attempts or the budget.
+    GaveUp {
+        reason: GiveUpReason,
+        last: AttemptOutcome,
+        /// The upstream's last `Retry-After`, in ms from when the run ended.
+        retry_after_ms: Option<u64>,
+    },
+    /// Less than `MIN_ATTEMPT_MS` was left before the first attempt: the upstream was not called.
+    NoTimeToStart { remaining_ms: u64 },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetryRun {
+    pub outcome: RunOutcome,
+    pub attempts: Vec<AttemptRecord>,
+    pub elapsed_ms: u64,
+}
+
+impl Engine {
+    /// Runs attempts until one is final, or retrying is no longer possible before `deadline_ms`.
+    /// `attempt` must finish within the `timeout_ms` it is given. `on_attempt` sees each record
+    /// as soon as it is decided (for logging).
+    pub async fn run<A, Fut>(
+        &self,
+        deadline_ms: u64,
+        clock: &impl Clock,
+        sleeper: &impl Sleeper,
+        jitter: &mut impl Jitter,
+        mut attempt: A,
+        mut on_attempt: impl FnMut(&AttemptRecord),
+    ) -> RetryRun
+    where
+        A: FnMut(AttemptPlan) -> Fut,
+        Fut: Future<Output = AttemptOutcome>,
+    {
+        let started = clock.now_ms();
+        // An attempt needs at least 1 ms even when MIN_ATTEMPT_MS is 0.
+        let min_attempt = self.min_attempt_ms.max(1);
+        let mut attempts = Vec::new();
+        let remaining = deadline_ms.saturating_sub(started);
+        if remaining < min_attempt {
+            return RetryRun {
+                outcome: RunOutcome::NoTimeToStart {
+                    remaining_ms: remaining,
+                },
+                attempts,
+                elapsed_ms: 0,
+            };
+        }
+
+        let mut number = 0;
+        loop {
+            number += 1;
+            let begin = clock.now_ms();
+            let remaining = deadline_ms.saturating_sub(begin);
+            let (timeout_ms, cut_at_deadline) = match self.attempt_timeout_ms {
+                Some(t) if t < remaining => (t, false),
+                _ => (remaining, true),
+            };
+            let outcome = attempt(AttemptPlan { number, timeout_ms }).await;
+            let end = clock.now_ms();
+            let remaining = deadline_ms.saturating_sub(end);
+
+            let (status, upstream_request_id, error_kind) = match &outcome {
+                AttemptOutcome::Reply(r) => {
+                    (Some(r.status), r.request_id().map(str::to_owned), None)
+                }
+                AttemptOutcome::Failed { kind, .. } => (None, None, Some(*kind)),
+            };
+            let mut record = AttemptRecord {
+                attempt: number,
+                status,
+                error_kind,
+                latency_ms: end.saturating_sub(begin),
+                upstream_request_id,
+                decision: Decision::Done,
+                reason: String::new(),
+                next_delay_ms: None,
+                remaining_ms: remaining,
+            };
+
+            let retry_after = match &outcome {
+                AttemptOutcome::Reply(r) => policy::retry_after_ms(r, end),
+                AttemptOutcome::Failed { .. } => None,
+            };
+            let give_up = match policy::verdict(&outcome) {
+                Verdict::Final(reason) => {
+                    record.reason = reason.to_owned();
+                    None
+                }
+                Verdict::Retryable(reason) => {
+                    let timed_out = error_kind == Some(FailureKind::Timeout);
+                    let wait =
+                        retry_after.unwrap_or_else(|| self.policy.backoff_ms(number, jitter));
+                    let verdict = if (timed_out && cut_at_deadline) || remaining == 0 {
+                        Some(GiveUpReason::DeadlineReached)
+                    } else if number >= self.policy.max_attempts {
+                        Some(GiveUpReason::AttemptsExhausted)
+                    } else if retry_after.is_some_and(|w| w > remaining) {
+                        Some(GiveUpReason::RetryAfterPastDeadline)
+                    } else if remaining.saturating_sub(wait) < min_attempt {
+                        Some(GiveUpReason::BudgetExhausted)
+                    } else {
+                        None
+                    };
+                    match verdict {
+                        Some(why) => record.reason = format!("{reason}; {}", why.as_str()),
+                        None => {
+                            record.reason = reason.to_owned();
+                            record.decision = Decision::Retry;
+                            record.next_delay_ms = Some(wait);
+                        }
+                    }
+                    Some(verdict)
+                }
+            };
+            let give_up = match give_up {
+                None => None,
+                Some(None) => {
+                    on_attempt(&record);
+                    let wait = record.next_delay_ms.unwrap_or(0);
+                    attempts.push(record);
+                    sleeper.sleep(wait).await;
+                    continue;
+                }
+                Some(Some(why)) => {
+                    record.decision = Decision::GiveUp;
+                    Some(why)
+                }
+            };
+            on_attempt(&record);
+            attempts.push(record);
+            let outcome = match (give_up, outcome) {
+                (None, AttemptOutcome::Reply(reply)) => RunOutcome::Answer(reply),
+                (Some(reason), last) => RunOutcome::GaveUp {
+                    reason,
+                    last,
+                    retry_after_ms: retry_after,
+                },
+                // A transport failure is always retryable, so it never reaches here without a reason.
+                (None, last) => RunOutcome::GaveUp {
+                    reason: GiveUpReason::DeadlineReached,
+                    last,
+                    retry_after_ms: None,
+                },
+            };
+            return RetryRun {
+                outcome,
+                attempts,
+                elapsed_ms: end.saturating_sub(started),
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::retry::policy::Jitter;
+    use proptest::prelude::*;
+    use std::collections::VecDeque;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    const T0: u64 = 1_764_000_000_000;
+
+    /// Virtual time: sleeping and attempts advance it instantly.
+    #[derive(Clone)]
+    struct VirtualClock(Arc<AtomicU64>);
+    impl VirtualClock {
+        fn new() -> Self {
+            VirtualClock(Arc::new(AtomicU64::new(T0)))
+        }
+        fn advance(&self, ms: u64) {
+            self.0.fetch_add(ms, Ordering::SeqCst);
+        }
+    }
+    impl Clock for VirtualClock {
+        fn now_ms(&self) -> u64 {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+    impl Sleeper for VirtualClock {
+        fn sleep(&self, ms: u64) -> impl Future<Output = ()> + Send {
+            self.advance(ms);
+            std::future::ready(())
+        }
+    }
+
+    /// Jitter that always picks the top of the range (deterministic, worst case for the budget).
+    struct Max;
+    impl Jitter for Max {
+        fn between(&mut self, _lo: u64, hi: u64) -> u64 {
+            hi
+        }
+    }
+
+    /// A scripted upstream step: how long it takes and what it answers.
+    #[derive(Clone, Debug)]
+    enum Step {
+        Status(u16, u64, Vec<(&'static str, String)>),
+        Fail(FailureKind, u64),
+        /// Never answers: the attempt runs into its timeout.
+        Hang,
+    }
+
+    fn status(s: u16, latency: u64) -> Step {
+        Step::Status(s, latency, vec![])
+    }
+
+    struct Fixture {
+        clock: VirtualClock,
+        engine: Engine,
+        plans: Vec<AttemptPlan>,
+        sleeps: Vec<u64>,
+    }
+
+    fn engine() -> Engine {
+        Engine {
+            policy: RetryPolicy {
+                max_attempts: 5,
+                base_delay_ms: 1000,
+                max_delay_ms: 8000,
+            },
+            min_attempt_ms: 1000,
+            attempt_timeout_ms: None,
+        }
+    }
+
+    impl Fixture {
+        fn new(engine: Engine) -> Self {
+            Fixture {
+                clock: VirtualClock::new(),
+                engine,
+                plans: vec![],
+                sleeps: vec![],
+            }
+        }
+
+        fn run(&mut self, budget_ms: u64, steps: Vec<Step>) -> RetryRun {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            let mut steps: VecDeque<Step> = steps.into();
+            let clock = self.clock.clone();
+            let plans = std::cell::RefCell::new(vec![]);
+            let sleeps = SleepLog {
+                clock: clock.clone(),
+                log: Default::default(),
+            };
+            let run = rt.block_on(self.engine.run(
+                T0 + budget_ms,
+                &clock,
+                &sleeps,
+                &mut Max,
+                |plan| {
+                    plans.borrow_mut().push(plan);
+                    let step = steps.pop_front().unwrap_or(Step::Status(200, 10, vec![]));
+                    let out = play(&clock, plan, step);
+                    std::future::ready(out)
+                },
+                |_| {},
+            ));
+            self.plans = plans.into_inner();
+            self.sleeps = sleeps.log.lock().unwrap().clone();
+            run
+        }
+    }
+
+    struct SleepLog {
+        clock: VirtualClock,
+        log: std::sync::Mutex<Vec<u64>>,
+    }
+    impl Sleeper for SleepLog {
+        fn sleep(&self, ms: u64) -> impl Future<Output = ()> + Send {
+            self.log.lock().unwrap().push(ms);
+            self.clock.sleep(ms)
+        }
+    }
+
+    fn play(clock: &VirtualClock, plan: AttemptPlan, step: Step) -> AttemptOutcome {
+        let latency = match &step {
+            Step::Status(_, l, _) | Step::Fail(_, l) => *l,
+            Step::Hang => u64::MAX,
+        };
+        if latency > plan.timeout_ms {
+            clock.advance(plan.timeout_ms);
+            return AttemptOutcome::Failed {
+                kind: FailureKind::Timeout,
+                detail: String::new(),
+            };
+        }
+        clock.advance(latency);
+        match step {
+            Step::Status(status, _, headers) => {
+                let mut h: Vec<(String, String)> = headers
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v))
+                    .collect();
+                h.push(("x-request-id".into(), format!("req_{}", plan.number)));
+                let body = if status == 429 && h.iter().any(|(k, _)| k == "x-quota") {
+                    r#"{"error":{"code":"insufficient_quota"}}"#
+                } else {
+                    "{}"
+                };
+                AttemptOutcome::Reply(UpstreamReply {
+                    status,
+                    headers: h,
+                    body: body.into(),
+                })
+            }
+            Step::Fail(kind, _) => AttemptOutcome::Failed {
+                kind,
+                detail: String::new(),
+            },
+            Step::Hang => unreachable!(),
+        }
+    }
+
+    fn statuses(run: &RetryRun) -> Vec<Option<u16>> {
+        run.attempts.iter().map(|a| a.status).collect()
+    }
+
+    #[test]
+    fn rides_out_two_500s() {
+        let mut f = Fixture::new(engine());
+        let run = f.run(
+            27_500,
+            vec![status(500, 100), status(500, 100), status(200, 100)],
+        );
+        assert!(matches!(run.outcome, RunOutcome::Answer(ref r) if r.status == 200));
+        assert_eq!(statuses(&run), [Some(500), Some(500), Some(200)]);
+        assert_eq!(f.sleeps, [1000, 2000], "max jitter = full backoff ceiling");
+        assert_eq!(run.elapsed_ms, 3_300);
+        let decisions: Vec<_> = run.attempts.iter().map(|a| a.decision).collect();
+        assert_eq!(
+            decisions,
+            [Decision::Retry, Decision::Retry, Decision::Done]
+        );
+        assert_eq!(run.attempts[2].remaining_ms, 27_500 - 3_300);
+    }
+
+    #[test]
+    fn persistent_503_uses_all_attempts_when_the_budget_allows() {
+        let mut f = Fixture::new(engine());
+        let run = f.run(60_000, vec![status(503, 50); 10]);
+        assert_eq!(run.attempts.len(), 5);
+        assert!(matches!(
+            run.outcome,
+            RunOutcome::GaveUp {
+                reason: GiveUpReason::AttemptsExhausted,
+                ..
+            }
+        ));
+        assert_eq!(f.sleeps, [1000, 2000, 4000, 8000]);
+        assert_eq!(run.attempts.last().unwrap().decision, Decision::GiveUp);
+    }
+
+    #[test]
+    fn persistent_503_stops_when_the_next_wait_would_leave_too_little() {
+        let mut f = Fixture::new(engine());
+        // 5 s budget: 100 + 1000 + 100 + 2000 + 100 = 3300 elapsed; next wait 4000 leaves < 1000.
+        let run = f.run(5_000, vec![status(503, 100); 10]);
+        assert_eq!(run.attempts.len(), 3);
+        assert!(matches!(
+            run.outcome,
+            RunOutcome::GaveUp {
+                reason: GiveUpReason::BudgetExhausted,
+                ..
+            }
+        ));
+        assert!(run.elapsed_ms <= 5_000);
+    }
+
+    #[test]
+    fn every_retryable_status_is_retried_and_finals_are_not() {
+        for s in [408, 409, 429, 500, 502, 503, 504, 529] {
+            let mut f = Fixture::new(engine());
+            let run = f.run(30_000, vec![status(s, 10), status(200, 10)]);
+            assert_eq!(run.attempts.len(), 2, "{s}");
+        }
+        for s in [400, 401, 403, 404, 422] {
+            let mut f = Fixture::new(engine());
+            let run = f.run(30_000, vec![status(s, 10), status(200, 10)]);
+            assert_eq!(run.attempts.len(), 1, "{s}");
+            assert!(matches!(run.outcome, RunOutcome::Answer(ref r) if r.status == s));
+        }
+    }
+
+    #[test]
+    fn transport_failures_are_retried() {
+        let mut f = Fixture::new(engine());
+        let run = f.run(
+            30_000,
+            vec![
+                Step::Fail(FailureKind::Connect, 5),
+                Step::Fail(FailureKind::Connection, 5),
+                Step::Fail(FailureKind::IncompleteBody, 5),
+                status(200, 5),
+            ],
+        );
+        assert_eq!(run.attempts.len(), 4);
+        assert_eq!(run.attempts[0].error_kind, Some(FailureKind::Connect));
+        assert!(matches!(run.outcome, RunOutcome::Answer(_)));
+    }
+
+    #[test]
+    fn x_should_retry_header_overrides_both_ways() {
+        let mut f = Fixture::new(engine());
+        let no = Step::Status(503, 10, vec![("x-should-retry", "false".into())]);
+        let run = f.run(30_000, vec![no, status(200, 10)]);
+        assert_eq!(run.attempts.len(), 1);
+        assert!(matches!(run.outcome, RunOutcome::Answer(ref r) if r.status == 503));
+
+        let mut f = Fixture::new(engine());
+        let yes = Step::Status(400, 10, vec![("x-should-retry", "true".into())]);
+        let run = f.run(30_000, vec![yes, status(200, 10)]);
+        assert_eq!(run.attempts.len(), 2);
+    }
+
+    #[test]
+    fn insufficient_quota_is_not_retried() {
+        let mut f = Fixture::new(engine());
+        let quota = Step::Status(429, 10, vec![("x-quota", "1".into())]);
+        let run = f.run(30_000, vec![quota, status(200, 10)]);
+        assert_eq!(run.attempts.len(), 1);
+        assert!(matches!(run.outcome, RunOutcome::Answer(ref r) if r.status == 429));
+    }
+
+    #[test]
+    fn retry_after_is_honoured_without_jitter_in_all_forms() {
+        let now_plus = |ms: u64| {
+            httpdate::fmt_http_date(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(T0 + ms),
+            )
+        };
+        for (header, value, expect) in [
+            ("retry-after-ms", "1500".to_owned(), 1500),
+            ("retry-after", "3".to_owned(), 3000),
+            // The date is whole seconds: 5 s after T0, and the attempt took 0 ms.
+            ("retry-after", now_plus(5_000), 5000),
+        ] {
+            let mut f = Fixture::new(engine());
+            let run = f.run(
+                30_000,
+                vec![Step::Status(429, 0, vec![(header, value)]), status(200, 10)],
+            );
+            assert_eq!(f.sleeps, [expect], "{header}");
+            assert_eq!(run.attempts[0].next_delay_ms, Some(expect));
+        }
+    }
+
+    #[test]
+    fn retry_after_past_the_deadline_answers_at_once() {
+        let mut f = Fixture::new(engine());
+        let run = f.run(
+            10_000,
+            vec![Step::Status(429, 100, vec![("retry-after", "40".into())])],
+        );
+        assert!(f.sleeps.is_empty());
+        assert_eq!(run.elapsed_ms, 100);
+        match run.outcome {
+            RunOutcome::GaveUp {
+                reason,
+                retry_after_ms,
+                ..
+            } => {
+                assert_eq!(reason, GiveUpReason::RetryAfterPastDeadline);
+                assert_eq!(retry_after_ms, Some(40_000));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn retry_after_that_fits_but_leaves_too_little_gives_up() {
+        let mut f = Fixture::new(engine());
+        // 9.5 s wait inside a 10 s budget leaves 0.4 s < MIN_ATTEMPT_MS.
+        let run = f.run(
+            10_000,
+            vec![Step::Status(
+                503,
+                100,
+                vec![("retry-after-ms", "9500".into())],
+            )],
+        );
+        assert!(f.sleeps.is_empty());
+        assert!(matches!(
+            run.outcome,
+            RunOutcome::GaveUp {
+                reason: GiveUpReason::BudgetExhausted,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn no_attempt_starts_with_less_than_min_attempt_ms() {
+        let mut f = Fixture::new(engine());
+        let run = f.run(999, vec![status(200, 1)]);
+        assert_eq!(run.outcome, RunOutcome::NoTimeToStart { remaining_ms: 999 });
+        assert!(f.plans.is_empty());
+        let mut f = Fixture::new(engine());
+        let run = f.run(1_000, vec![status(200, 1)]);
+        assert!(matches!(run.outcome, RunOutcome::Answer(_)));
+    }
+
+    #[test]
+    fn a_hang_is_cut_at_the_deadline_and_reported_as_such() {
+        let mut f = Fixture::new(engine());
+        let run = f.run(7_000, vec![Step::Hang]);
+        assert_eq!(
+            f.plans,
+            [AttemptPlan {
+                number: 1,
+                timeout_ms: 7_000
+            }]
+        );
+        assert_eq!(run.elapsed_ms, 7_000);
+        assert!(matches!(
+            run.outcome,
+            RunOutcome::GaveUp {
+                reason: GiveUpReason::DeadlineReached,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn attempt_timeout_setting_makes_hangs_retryable_and_is_cut_at_the_deadline() {
+        let mut f = Fixture::new(Engine {
+            attempt_timeout_ms: Some(3_000),
+            ..engine()
+        });
+        let run = f.run(10_000, vec![Step::Hang, Step::Hang, Step::Hang]);
+        // 3000 + 1000 sleep + 3000 + 2000 sleep = 9000; 1000 left = the third attempt's timeout.
+        let timeouts: Vec<u64> = f.plans.iter().map(|p| p.timeout_ms).collect();
+        assert_eq!(timeouts, [3_000, 3_000, 1_000]);
+        assert_eq!(run.elapsed_ms, 10_000);
+        assert!(matches!(
+            run.outcome,
+            RunOutcome::GaveUp {
+                reason: GiveUpReason::DeadlineReached,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn records_carry_request_ids_latency_and_remaining_budget() {
+        let mut f = Fixture::new(engine());
+        let run = f.run(20_000, vec![status(502, 250), status(200, 40)]);
+        let a = &run.attempts[0];
+        assert_eq!(a.upstream_request_id.as_deref(), Some("req_1"));
+        assert_eq!(
+            (a.latency_ms, a.remaining_ms, a.next_delay_ms),
+            (250, 19_750, Some(1000))
+        );
+        assert_eq!(a.reason, "retryable status");
+        assert_eq!(run.attempts[1].reason, "success");
+    }
+
+    fn arb_step() -> impl Strategy<Value = Step> {
+        let latency = 0u64..12_000;
+        prop_oneof![
+            (
+                prop::sample::select(vec![200u16, 400, 401, 408, 409, 429, 500, 502, 503, 504]),
+                latency.clone()
+            )
+                .prop_map(|(s, l)| status(s, l)),
+            (
+                prop::sample::select(vec![429u16, 503]),
+                latency.clone(),
+                0u64..40_000
+            )
+                .prop_map(|(s, l, ra)| Step::Status(
+                    s,
+                    l,
+                    vec![("retry-after-ms", ra.to_string())]
+                )),
+            (
+                prop::sample::select(vec![
+                    FailureKind::Connect,
+                    FailureKind::Connection,
+                    FailureKind::IncompleteBody
+                ]),
+                latency
+            )
+                .prop_map(|(k, l)| Step::Fail(k, l)),
+            Just(Step::Hang),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
+        #[test]
+        fn never_finishes_after_the_deadline_nor_exceeds_the_attempt_limit(
+            steps in prop::collection::vec(arb_step(), 1..12),
+            budget in 500u64..=30_000,
+            max_attempts in 1u32..8,
+            base in 0u64..3_000,
+            min_attempt in 0u64..3_000,
+            attempt_timeout in prop::option::of(100u64..20_000),
+        ) {
+            let mut f = Fixture::new(Engine {
+                policy: RetryPolicy { max_attempts, base_delay_ms: base, max_delay_ms: base * 8 },
+                min_attempt_ms: min_attempt,
+                attempt_timeout_ms: attempt_timeout,
+            });
+            let run = f.run(budget, steps);
+            prop_assert!(f.clock.now_ms() <= T0 + budget, "finished {} ms late", f.clock.now_ms() - T0 - budget);
+            prop_assert!(run.attempts.len() as u32 <= max_attempts);
+            prop_assert_eq!(run.attempts.len(), f.plans.len());
+            for p in &f.plans {
+                // Each attempt gets its full ATTEMPT_TIMEOUT_MS or at least MIN_ATTEMPT_MS.
+                prop_assert!(p.timeout_ms >= min_attempt.max(1).min(attempt_timeout.unwrap_or(u64::MAX)));
+                if let Some(t) = attempt_timeout { prop_assert!(p.timeout_ms <= t); }
+            }
+            // Every record but the last is a retry; the last never is.
+            let (last, rest) = match run.attempts.split_last() {
+                Some(x) => x,
+                None => {
+                    let no_time = matches!(run.outcome, RunOutcome::NoTimeToStart { .. });
+                    prop_assert!(no_time);
+                    return Ok(());
+                }
+            };
+            prop_assert!(rest.iter().all(|a| a.decision == Decision::Retry));
+            prop_assert!(last.decision != Decision::Retry);
+        }
+    }
+}

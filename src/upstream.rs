@@ -1,0 +1,169 @@
+//! The upstream client: one attempt = one HTTP exchange with OpenAI, classified into an
+//! [`AttemptOutcome`]. Built once at cold start; connections are pooled across invocations.
+
+use std::error::Error as _;
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::{Method, redirect};
+
+use crate::retry::{AttemptOutcome, FailureKind, UpstreamReply};
+
+/// Response headers worth keeping from the upstream (the rest are dropped).
+const KEPT_HEADERS: [&str; 6] = [
+    "content-type",
+    "x-request-id",
+    "openai-processing-ms",
+    "retry-after",
+    "retry-after-ms",
+    "x-should-retry",
+];
+
+#[derive(Clone, Debug)]
+pub struct UpstreamClient {
+    http: reqwest::Client,
+    base_url: String,
+}
+
+/// One request to forward (spec §2: only these headers go upstream).
+#[derive(Clone, Debug)]
+pub struct ForwardRequest {
+    pub method: Method,
+    /// Path below the base URL, e.g. `/chat/completions`.
+    pub path: &'static str,
+    pub body: Bytes,
+    pub content_type: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub client_request_id: String,
+    pub organization: Option<String>,
+    pub project: Option<String>,
+}
+
+impl UpstreamClient {
+    pub fn new(base_url: &str, connect_timeout_ms: u64) -> Result<UpstreamClient, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(connect_timeout_ms))
+            // Never follow redirects: the server's key must not travel to another host.
+            .redirect(redirect::Policy::none())
+            .pool_idle_timeout(Duration::from_secs(50))
+            .tcp_nodelay(true)
+            .user_agent(concat!("openai-lambda-proxy/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(UpstreamClient {
+            http,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+        })
+    }
+
+    /// Sends one attempt; never takes longer than `timeout_ms` (connect, headers and body).
+    pub async fn send(
+        &self,
+        req: &ForwardRequest,
+        api_key: &str,
+        timeout_ms: u64,
+    ) -> AttemptOutcome {
+        let timeout = Duration::from_millis(timeout_ms);
+        let mut builder = self
+            .http
+            .request(req.method.clone(), format!("{}{}", self.base_url, req.path))
+            .bearer_auth(api_key)
+            .header("x-client-request-id", &req.client_request_id)
+            .timeout(timeout);
+        if req.method == Method::POST {
+            builder = builder
+                .header(
+                    "content-type",
+                    req.content_type.as_deref().unwrap_or("application/json"),
+                )
+                .body(req.body.clone());
+        }
+        for (name, value) in [
+            ("openai-organization", &req.organization),
+            ("openai-project", &req.project),
+            ("idempotency-key", &req.idempotency_key),
+        ] {
+            if let Some(v) = value {
+                builder = builder.header(name, v);
+            }
+        }
+        // The outer timeout bounds the whole exchange, including reading the body.
+        match tokio::time::timeout(timeout, exchange(builder)).await {
+            Ok(outcome) => outcome,
+            Err(_) => AttemptOutcome::Failed {
+                kind: FailureKind::Timeout,
+                detail: format!("no complete answer within {timeout_ms} ms"),
+            },
+        }
+    }
+}
+
+async fn exchange(builder: reqwest::RequestBuilder) -> AttemptOutcome {
+    let response = match builder.send().await {
+        Ok(r) => r,
+        Err(e) => return failed(&e, false),
+    };
+    let status = response.status().as_u16();
+    let headers = response
+        .headers()
+        .iter()
+        .filter(|(name, _)| {
+            let n = name.as_str();
+            n.starts_with("x-ratelimit-") || KEPT_HEADERS.contains(&n)
+        })
+        .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        .collect();
+    // Buffered: a stream that breaks mid-way is a failed attempt the caller never saw.
+    match response.bytes().await {
+        Ok(body) => AttemptOutcome::Reply(UpstreamReply {
+            status,
+            headers,
+            body,
+        }),
+        Err(e) => failed(&e, true),
+    }
+}
+
+fn failed(e: &reqwest::Error, reading_body: bool) -> AttemptOutcome {
+    let kind = if e.is_timeout() {
+        FailureKind::Timeout
+    } else if reading_body || e.is_body() || e.is_decode() {
+        FailureKind::IncompleteBody
+    } else if e.is_connect() {
+        FailureKind::Connect
+    } else {
+        FailureKind::Connection
+    };
+    AttemptOutcome::Failed {
+        kind,
+        detail: describe(e),
+    }
+}
+
+/// The error chain without the URL (which reveals nothing secret, but is noise) in one line.
+fn describe(e: &reqwest::Error) -> String {
+    let mut parts = Vec::new();
+    let mut source = e.source();
+    while let Some(s) = source {
+        parts.push(s.to_string());
+        source = s.source();
+    }
+    if parts.is_empty() {
+        parts.push(e.without_url_ref().to_string());
+    }
+    parts.dedup();
+    parts.join(": ")
+}
+
+trait WithoutUrl {
+    fn without_url_ref(&self) -> String;
+}
+
+impl WithoutUrl for reqwest::Error {
+    fn without_url_ref(&self) -> String {
+        let mut s = self.to_string();
+        if let Some(url) = self.url() {
+            s = s.replace(&format!(" ({url})"), "");
+        }
+        s
+    }
+}
