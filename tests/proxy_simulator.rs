@@ -1,0 +1,437 @@
+//! The real handler in process against the OpenAI simulator on 127.0.0.1, with real time and
+//! short deadlines: the retry and deadline behaviour a caller sees, and the logs it leaves.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use openai_lambda_proxy::config::Settings;
+use openai_lambda_proxy::retry::epoch_ms;
+use openai_lambda_proxy::secrets::Secrets;
+use openai_lambda_proxy::telemetry::logs::JsonLines;
+use openai_lambda_proxy::telemetry::metrics::NoMetrics;
+use openai_lambda_proxy::{Invocation, Proxy};
+use openai_simulator::{Simulator, parse_script};
+use serde_json::{Value, json};
+use tracing_subscriber::layer::SubscriberExt;
+
+const SERVER_KEY: &str = "sk-sim-server-key-0123456789";
+const CLIENT_TOKEN: &str = "client-token-abcdef";
+const PROMPT: &str = "Tell me the secret plan for Tuesday";
+
+/// Every log line written by the handlers of this test binary.
+fn logs() -> &'static Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = buf.clone();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_subscriber::EnvFilter::new("info"))
+            .with(JsonLines::new(move || LogWriter(sink.clone())));
+        tracing::subscriber::set_global_default(subscriber).expect("one subscriber per test binary");
+        buf
+    })
+}
+
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+impl Write for LogWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The JSON log lines of one invocation.
+fn lines_of(request_id: &str) -> Vec<Value> {
+    let all = logs().lock().unwrap().clone();
+    String::from_utf8(all)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("every log line is JSON"))
+        .filter(|v| v["lambda_request_id"] == request_id)
+        .collect()
+}
+
+struct Harness {
+    sim: Simulator,
+    proxy: Arc<Proxy>,
+}
+
+/// Fast retries so real-time tests stay short; the deadline comes from GATEWAY_TIMEOUT_MS.
+async fn harness(script: &str, extra: &[(&str, &str)]) -> Harness {
+    logs();
+    let sim = Simulator::start(0).await.unwrap();
+    sim.set_script(parse_script(script).unwrap());
+    let mut env: HashMap<String, String> = [
+        ("OPENAI_BASE_URL", sim.base_url()),
+        ("OPENAI_API_KEY", SERVER_KEY.into()),
+        ("PROXY_API_KEYS", CLIENT_TOKEN.into()),
+        ("RETRY_BASE_DELAY_MS", "100".into()),
+        ("RETRY_MAX_DELAY_MS", "400".into()),
+        ("MIN_ATTEMPT_MS", "200".into()),
+        ("DEADLINE_MARGIN_MS", "200".into()),
+        ("GATEWAY_TIMEOUT_MS", "3000".into()),
+        ("METRICS_BACKEND", "none".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    for (k, v) in extra {
+        env.insert(k.to_string(), v.to_string());
+    }
+    let settings = Settings::from_lookup(|k| env.get(k).cloned());
+    let proxy = Arc::new(Proxy::new(settings, Secrets::new(None), Box::new(NoMetrics)));
+    Harness { sim, proxy }
+}
+
+fn chat_body(extra: Value) -> Value {
+    let mut body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": PROMPT}]});
+    body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    body
+}
+
+/// An HTTP API v2 event that the gateway received `age_ms` ago.
+fn v2_event(method: &str, path: &str, body: Option<&Value>, age_ms: u64) -> Value {
+    json!({
+        "version": "2.0", "routeKey": "$default", "rawPath": path, "rawQueryString": "",
+        "headers": {"authorization": format!("Bearer {CLIENT_TOKEN}"), "content-type": "application/json",
+                    "cookie": "session=abc", "x-forwarded-for": "203.0.113.9", "idempotency-key": "idem-42"},
+        "requestContext": {"accountId": "123456789012", "apiId": "api", "domainName": "api.execute-api.us-east-1.amazonaws.com",
+            "http": {"method": method, "path": path, "protocol": "HTTP/1.1", "sourceIp": "203.0.113.9", "userAgent": "test"},
+            "requestId": "gw-req", "stage": "$default", "timeEpoch": epoch_ms() - age_ms},
+        "body": body.map(|b| b.to_string()), "isBase64Encoded": false
+    })
+}
+
+struct Answer {
+    status: u16,
+    headers: serde_json::Map<String, Value>,
+    body: String,
+    elapsed_ms: u64,
+    request_id: String,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(Value::as_str)
+    }
+}
+
+static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Invokes the handler with a real Lambda deadline `lambda_ms` from now.
+async fn invoke(h: &Harness, event: Value, lambda_ms: u64) -> Answer {
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let request_id = format!("lambda-req-{n}-{}", epoch_ms());
+    let started = Instant::now();
+    let out = h
+        .proxy
+        .handle_event(event, Invocation { request_id: request_id.clone(), deadline_ms: epoch_ms() + lambda_ms })
+        .await;
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    Answer {
+        status: out["statusCode"].as_u64().unwrap() as u16,
+        headers: out["headers"].as_object().cloned().unwrap_or_default(),
+        body: out["body"].as_str().unwrap_or_default().to_owned(),
+        elapsed_ms,
+        request_id,
+    }
+}
+
+async fn chat(h: &Harness, extra: Value) -> Answer {
+    invoke(h, v2_event("POST", "/v1/chat/completions", Some(&chat_body(extra)), 0), 60_000).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_of_500s_is_ridden_out() {
+    let h = harness("500,500,ok", &[]).await;
+    let a = chat(&h, json!({})).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.json()["object"], "chat.completion");
+    assert_eq!(a.header("x-upstream-attempts"), Some("3"));
+    let requests = h.sim.requests();
+    assert_eq!(requests.len(), 3);
+    // x-request-id is the last upstream one; rate-limit headers are passed on.
+    assert!(a.header("x-request-id").unwrap().starts_with("req_"));
+    assert_eq!(a.header("x-ratelimit-limit-requests"), Some("10000"));
+    assert!(a.header("openai-processing-ms").is_some());
+    assert_eq!(a.header("x-lambda-request-id"), Some(a.request_id.as_str()));
+    assert_eq!(a.header("x-should-retry"), None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_persistent_503_ends_in_a_clear_502_before_the_deadline() {
+    let h = harness("503", &[("RETRY_MAX_ATTEMPTS", "20")]).await;
+    h.sim.set_default(parse_script("503").unwrap().remove(0));
+    let a = chat(&h, json!({})).await;
+    assert_eq!(a.status, 502, "{}", a.body);
+    // Gateway deadline 3000 ms from the event's start, minus the 200 ms margin.
+    assert!(a.elapsed_ms < 2_800 + 150, "answered after {} ms", a.elapsed_ms);
+    let e = &a.json()["error"];
+    assert_eq!(e["code"], "upstream_unavailable");
+    assert_eq!(e["type"], "server_error");
+    assert_eq!(e["upstream"]["status"], 503);
+    let attempts = e["upstream"]["attempts"].as_u64().unwrap();
+    assert!(attempts >= 3, "{attempts}");
+    assert_eq!(attempts as usize, h.sim.requests().len());
+    assert_eq!(e["upstream"]["request_ids"].as_array().unwrap().len() as u64, attempts);
+    assert_eq!(e["upstream"]["last_error"], "503 Service Unavailable");
+    assert_eq!(e["lambda_request_id"], a.request_id.as_str());
+    let msg = e["message"].as_str().unwrap();
+    for needle in ["503 Service Unavailable", &format!("{attempts} attempts"), "status.openai.com", "req_"] {
+        assert!(msg.contains(needle), "message lacks {needle:?}: {msg}");
+    }
+    assert_eq!(a.header("x-should-retry"), Some("false"));
+    assert_eq!(a.header("x-upstream-attempts"), Some(attempts.to_string().as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hang_ends_in_504_before_the_deadline() {
+    let h = harness("hang", &[]).await;
+    let a = chat(&h, json!({})).await;
+    assert_eq!(a.status, 504, "{}", a.body);
+    assert!((2_600..2_800 + 150).contains(&a.elapsed_ms), "answered after {} ms", a.elapsed_ms);
+    let e = &a.json()["error"];
+    assert_eq!(e["code"], "upstream_timeout");
+    assert_eq!(e["upstream"]["attempts"], 1);
+    assert_eq!(e["upstream"]["status"], Value::Null);
+    assert_eq!(a.header("x-should-retry"), Some("false"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_lambda_deadline_bounds_the_run_too() {
+    // No gateway limit (function URL), a real Lambda deadline 1.5 s away.
+    let h = harness("hang", &[("GATEWAY_TIMEOUT_MS", "")]).await;
+    let mut event = v2_event("POST", "/v1/chat/completions", Some(&chat_body(json!({}))), 0);
+    event["requestContext"]["domainName"] = json!("abc.lambda-url.us-east-1.on.aws");
+    let a = invoke(&h, event, 1_500).await;
+    assert_eq!(a.status, 504);
+    assert!(a.elapsed_ms < 1_500 - 200 + 150, "answered after {} ms", a.elapsed_ms);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_429_with_retry_after_ms_is_waited_out() {
+    let h = harness("429:ra-ms=600,ok", &[]).await;
+    let a = chat(&h, json!({})).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let r = h.sim.requests();
+    assert_eq!(r.len(), 2);
+    let waited = r[1].received_at_ms - r[0].received_at_ms;
+    // Honoured as asked, not jittered (and not the 100 ms backoff).
+    assert!((600..900).contains(&waited), "waited {waited} ms");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_429_asking_to_wait_past_the_deadline_is_answered_at_once() {
+    let h = harness("429:ra=40", &[]).await;
+    let a = chat(&h, json!({})).await;
+    assert_eq!(a.status, 429, "{}", a.body);
+    assert!(a.elapsed_ms < 500, "answered after {} ms", a.elapsed_ms);
+    assert_eq!(a.json()["error"]["code"], "upstream_rate_limited");
+    assert_eq!(a.header("retry-after"), Some("40"));
+    assert_eq!(a.header("x-should-retry"), Some("false"));
+    assert_eq!(h.sim.requests().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn insufficient_quota_passes_through_without_retry() {
+    let h = harness("429:quota,ok", &[]).await;
+    let a = chat(&h, json!({})).await;
+    assert_eq!(a.status, 429);
+    assert_eq!(a.json()["error"]["code"], "insufficient_quota");
+    assert_eq!(h.sim.requests().len(), 1);
+    assert_eq!(a.header("x-should-retry"), Some("false"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_400_passes_through_after_one_attempt() {
+    let h = harness("400,ok", &[]).await;
+    let a = chat(&h, json!({})).await;
+    assert_eq!(a.status, 400);
+    assert_eq!(a.json()["error"]["type"], "invalid_request_error");
+    assert!(a.json()["error"].get("upstream").is_none(), "the upstream's own body, unchanged");
+    assert_eq!(h.sim.requests().len(), 1);
+    assert_eq!(a.header("x-upstream-attempts"), Some("1"));
+    assert_eq!(a.header("x-should-retry"), Some("false"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn x_should_retry_from_the_upstream_is_obeyed() {
+    let h = harness("503:retry=false,ok", &[]).await;
+    let a = chat(&h, json!({})).await;
+    assert_eq!(a.status, 503);
+    assert_eq!(h.sim.requests().len(), 1);
+    let h = harness("400:retry=true,ok", &[]).await;
+    let a = chat(&h, json!({})).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(h.sim.requests().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dropped_connections_and_cut_bodies_are_retried() {
+    let h = harness("reset,cut,ok", &[]).await;
+    let a = chat(&h, json!({})).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.header("x-upstream-attempts"), Some("3"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_upstream_is_a_502_naming_connect_errors() {
+    // A port nobody listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1", closed.local_addr().unwrap());
+    drop(closed);
+    let h = harness("ok", &[("OPENAI_BASE_URL", &url)]).await;
+    let a = chat(&h, json!({})).await;
+    assert_eq!(a.status, 502);
+    let e = &a.json()["error"];
+    assert_eq!(e["code"], "upstream_unavailable");
+    assert!(e["upstream"]["last_error"].as_str().unwrap().starts_with("connect_error"), "{e}");
+    assert_eq!(e["upstream"]["attempts"], 5);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_auth_failures_are_the_servers_fault() {
+    let h = harness("401", &[]).await;
+    let a = chat(&h, json!({})).await;
+    assert_eq!(a.status, 502);
+    assert_eq!(a.json()["error"]["code"], "upstream_auth_failed");
+    assert_eq!(h.sim.requests().len(), 1);
+    assert!(!a.body.contains(SERVER_KEY));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stream_true_returns_the_buffered_sse_body() {
+    let h = harness("ok", &[]).await;
+    let a = chat(&h, json!({"stream": true})).await;
+    assert_eq!(a.status, 200);
+    assert!(a.header("content-type").unwrap().starts_with("text/event-stream"));
+    assert!(a.body.contains("chat.completion.chunk"));
+    assert!(a.body.trim_end().ends_with("data: [DONE]"));
+    // A stream that breaks mid-way is retried; the caller sees only the complete one.
+    let h = harness("stream-cut,ok", &[]).await;
+    let a = chat(&h, json!({"stream": true})).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.header("x-upstream-attempts"), Some("2"));
+    assert!(a.body.trim_end().ends_with("data: [DONE]"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rest_event_27_seconds_old_answers_at_once() {
+    // Default retry settings: 29 s REST timeout − 27 s age − 500 ms margin = 1.5 s left, so after
+    // one failure no backoff (≥ 500 ms) + MIN_ATTEMPT_MS (1000 ms) fits.
+    let h = harness("503", &[
+        ("RETRY_BASE_DELAY_MS", ""), ("RETRY_MAX_DELAY_MS", ""), ("MIN_ATTEMPT_MS", ""),
+        ("DEADLINE_MARGIN_MS", ""), ("GATEWAY_TIMEOUT_MS", ""),
+    ])
+    .await;
+    h.sim.set_default(parse_script("503").unwrap().remove(0));
+    let body = chat_body(json!({})).to_string();
+    let event = json!({
+        "resource": "/{proxy+}", "path": "/v1/chat/completions", "httpMethod": "POST",
+        "headers": {"Authorization": format!("Bearer {CLIENT_TOKEN}"), "Content-Type": "application/json"},
+        "multiValueHeaders": {"Authorization": [format!("Bearer {CLIENT_TOKEN}")], "Content-Type": ["application/json"]},
+        "requestContext": {"stage": "prod", "path": "/prod/v1/chat/completions", "requestTimeEpoch": epoch_ms() - 27_000,
+                           "requestId": "rest-req", "httpMethod": "POST", "resourcePath": "/{proxy+}"},
+        "body": body, "isBase64Encoded": false
+    });
+    let a = invoke(&h, event, 60_000).await;
+    assert_eq!(a.status, 502, "{}", a.body);
+    assert!(a.elapsed_ms < 300, "answered after {} ms", a.elapsed_ms);
+    assert_eq!(a.json()["error"]["upstream"]["attempts"], 1);
+    assert!(a.json()["error"]["message"].as_str().unwrap().contains("budget exhausted"));
+    let finished = lines_of(&a.request_id).into_iter().find(|l| l["message"] == "request finished").unwrap();
+    assert!((1_400..=1_500).contains(&finished["budget_ms"].as_u64().unwrap()), "{finished}");
+    // And when there is not even time for one attempt, the upstream is not called.
+    let h2 = harness("ok", &[("GATEWAY_TIMEOUT_MS", "")]).await;
+    let mut late = v2_event("POST", "/v1/chat/completions", Some(&chat_body(json!({}))), 29_900);
+    late["requestContext"]["timeEpoch"] = json!(epoch_ms() - 29_900);
+    let a = invoke(&h2, late, 60_000).await;
+    assert_eq!(a.status, 504);
+    assert_eq!(a.json()["error"]["upstream"]["attempts"], 0);
+    assert!(h2.sim.requests().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_the_allowed_headers_go_upstream() {
+    let h = harness("ok", &[("OPENAI_ORGANIZATION", "org-123"), ("OPENAI_PROJECT", "proj_9")]).await;
+    let a = chat(&h, json!({})).await;
+    assert_eq!(a.status, 200);
+    let r = &h.sim.requests()[0];
+    assert_eq!(r.path, "/v1/chat/completions");
+    assert_eq!(r.header("authorization"), Some(format!("Bearer {SERVER_KEY}").as_str()));
+    assert_eq!(r.header("x-client-request-id"), Some(a.request_id.as_str()));
+    assert_eq!(r.header("openai-organization"), Some("org-123"));
+    assert_eq!(r.header("openai-project"), Some("proj_9"));
+    assert_eq!(r.header("idempotency-key"), Some("idem-42"));
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(r.header("cookie"), None);
+    assert_eq!(r.header("x-forwarded-for"), None);
+    assert_eq!(serde_json::from_slice::<Value>(&r.body).unwrap(), chat_body(json!({})), "body unchanged");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_have_one_line_per_attempt_and_one_summary_without_secrets() {
+    let h = harness("500,503,ok", &[]).await;
+    let a = chat(&h, json!({})).await;
+    assert_eq!(a.status, 200);
+    let lines = lines_of(&a.request_id);
+    let attempts: Vec<&Value> = lines.iter().filter(|l| l["message"] == "upstream attempt").collect();
+    let finished: Vec<&Value> = lines.iter().filter(|l| l["message"] == "request finished").collect();
+    assert_eq!(attempts.len(), 3);
+    assert_eq!(finished.len(), 1, "exactly one summary per invocation");
+    for (i, l) in attempts.iter().enumerate() {
+        for key in ["timestamp", "level", "route", "model", "attempt", "status", "latency_ms",
+                    "upstream_request_id", "decision", "reason", "next_delay_ms", "remaining_ms"] {
+            assert!(l.get(key).is_some(), "attempt line lacks {key}: {l}");
+        }
+        assert_eq!(l["attempt"], i as u64 + 1);
+        assert_eq!(l["route"], "/chat/completions");
+        assert_eq!(l["model"], "gpt-4o-mini");
+    }
+    assert_eq!(attempts[0]["status"], 500);
+    assert_eq!(attempts[0]["decision"], "retry");
+    assert!(attempts[0]["next_delay_ms"].as_u64().unwrap() >= 50);
+    assert_eq!(attempts[2]["decision"], "done");
+    assert_eq!(attempts[2]["next_delay_ms"], Value::Null);
+    let f = finished[0];
+    for key in ["timestamp", "level", "route", "model", "status", "code", "outcome", "attempts", "elapsed_ms",
+                "budget_ms", "upstream_request_ids", "cold_start"] {
+        assert!(f.get(key).is_some(), "summary lacks {key}: {f}");
+    }
+    assert_eq!((f["status"].as_u64(), f["outcome"].as_str(), f["attempts"].as_u64()), (Some(200), Some("success"), Some(3)));
+    assert_eq!(f["code"], Value::Null);
+    assert_eq!(f["upstream_request_ids"].as_array().unwrap().len(), 3);
+    assert_eq!(f["cold_start"], true);
+    assert!(f.get("fields").is_none() && f.get("span").is_none(), "flat lines");
+
+    let text: String = lines.iter().map(|l| l.to_string()).collect();
+    for secret in [SERVER_KEY, CLIENT_TOKEN, PROMPT, "Hello from the OpenAI simulator"] {
+        assert!(!text.contains(secret), "logs leak {secret:?}");
+    }
+    // A second invocation of the same process is warm.
+    let b = chat(&h, json!({})).await;
+    let f2 = lines_of(&b.request_id).into_iter().find(|l| l["message"] == "request finished").unwrap();
+    assert_eq!(f2["cold_start"], false);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failure_summary_carries_the_code_and_outcome() {
+    let h = harness("503", &[]).await;
+    h.sim.set_default(parse_script("503").unwrap().remove(0));
+    let a = chat(&h, json!({})).await;
+    assert_eq!(a.status, 502);
+    let lines = lines_of(&a.request_id);
+    let last_attempt = lines.iter().rfind(|l| l["message"] == "upstream attempt").unwrap();
+    assert_eq!(last_attempt["decision"], "give_up");
+    let f = lines.iter().find(|l| l["message"] == "request finished").unwrap();
+    assert_eq!((f["code"].as_str(), f["outcome"].as_str(), f["level"].as_str()),
+               (Some("upstream_unavailable"), Some("upstream_failure"), Some("WARN")));
+}
