@@ -23,7 +23,7 @@ $(STAMP): tools/requirements.txt
 	@rm -f $(VENV)/.installed-* && touch $@
 
 build:
-	cargo build --release --bin openai-lambda-proxy --bin openai-simulator
+	cargo build --release -p openai-lambda-proxy -p openai-simulator --bins
 
 demo: venv build
 	@bash tools/demo.sh
