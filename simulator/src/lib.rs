@@ -196,7 +196,9 @@ pub struct Simulator {
 
 impl std::fmt::Debug for Simulator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Simulator").field("addr", &self.addr).finish()
+        f.debug_struct("Simulator")
+            .field("addr", &self.addr)
+            .finish()
     }
 }
 
@@ -351,7 +353,13 @@ async fn serve_conn(shared: Arc<Shared>, mut sock: TcpStream) {
 }
 
 async fn write_plain(sock: &mut TcpStream, status: u16, msg: &str) -> std::io::Result<()> {
-    let body = routes::error_value(msg, "invalid_request_error", None, None).to_string();
+    let body = serde_json::to_string(&routes::error_value(
+        msg,
+        "invalid_request_error",
+        None,
+        None,
+    ))
+    .unwrap_or_default();
     let headers = vec![("content-type".to_string(), "application/json".to_string())];
     let mut out = http::head(status, &headers, body.len(), true);
     out.extend_from_slice(body.as_bytes());
@@ -370,7 +378,15 @@ async fn write_response(
     out.extend_from_slice(body);
     sock.write_all(&out).await?;
     sock.flush().await?;
-    Ok(if close { After::Close } else { After::KeepGoing })
+    Ok(if close {
+        After::Close
+    } else {
+        After::KeepGoing
+    })
+}
+
+fn to_json(v: &impl Serialize) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
 }
 
 async fn control(
@@ -384,55 +400,56 @@ async fn control(
     let bad = |msg: String| {
         (
             400u16,
-            routes::error_value(&msg, "invalid_request_error", None, None),
+            to_json(&routes::error_value(
+                &msg,
+                "invalid_request_error",
+                None,
+                None,
+            )),
         )
     };
-    let (status, body): (u16, serde_json::Value) = match (req.method.as_str(), req.path()) {
-        (_, "/_sim/health") => (200, serde_json::json!({"status": "ok"})),
+    let (status, body): (u16, Vec<u8>) = match (req.method.as_str(), req.path()) {
+        (_, "/_sim/health") => (200, to_json(&serde_json::json!({"status": "ok"}))),
         ("PUT" | "POST", "/_sim/script") => match step::parse_steps_body(&text) {
             Ok(steps) => {
                 let out = serde_json::json!({"script": steps.iter().map(|s| s.to_string()).collect::<Vec<_>>()});
                 *lock(&shared.script) = steps.into();
-                (200, out)
+                (200, to_json(&out))
             }
             Err(e) => bad(e),
         },
         ("GET", "/_sim/script") => (
             200,
-            serde_json::json!({
+            to_json(&serde_json::json!({
                 "script": lock(&shared.script).iter().map(|s| s.to_string()).collect::<Vec<_>>(),
                 "default": lock(&shared.default).to_string(),
-            }),
+            })),
         ),
         ("PUT" | "POST", "/_sim/default") => match step::parse_steps_body(&text) {
             Ok(mut steps) if steps.len() == 1 => {
                 let step = steps.remove(0);
                 let out = serde_json::json!({"default": step.to_string()});
                 *lock(&shared.default) = step;
-                (200, out)
+                (200, to_json(&out))
             }
             Ok(steps) => bad(format!("expected exactly one step, got {}", steps.len())),
             Err(e) => bad(e),
         },
-        ("GET", "/_sim/requests") => (
-            200,
-            serde_json::to_value(&*lock(&shared.requests)).unwrap_or_default(),
-        ),
+        ("GET", "/_sim/requests") => (200, to_json(&*lock(&shared.requests))),
         ("DELETE", "/_sim/requests") => {
             lock(&shared.requests).clear();
-            (200, serde_json::json!({"cleared": true}))
+            (200, to_json(&serde_json::json!({"cleared": true})))
         }
         (m, p) => (
             404,
-            routes::error_value(
+            to_json(&routes::error_value(
                 &format!("Invalid URL ({m} {p})"),
                 "invalid_request_error",
                 None,
                 None,
-            ),
+            )),
         ),
     };
-    let body = serde_json::to_vec(&body).unwrap_or_default();
     write_response(sock, status, &json_ct, &body, !keep_alive).await
 }
 

@@ -72,25 +72,26 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
-async fn wait_for_signal() {
+/// Install the SIGINT/SIGTERM handlers now (before announcing readiness) and return a future
+/// that completes when either arrives.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
+        })
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
     }
 }
 
@@ -118,12 +119,19 @@ async fn main() -> ExitCode {
     if let Some(d) = args.default {
         sim.set_default(d);
     }
+    let signal = match shutdown_signal() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("openai-simulator: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "openai-simulator listening on {}", sim.base_url());
     let _ = out.flush();
     drop(out);
 
-    wait_for_signal().await;
+    signal.await;
     eprintln!("openai-simulator: shutting down");
     sim.shutdown();
     ExitCode::SUCCESS

@@ -20,7 +20,7 @@ pub(crate) struct RouteAnswer {
 }
 
 impl RouteAnswer {
-    fn json(status: u16, v: &Value) -> RouteAnswer {
+    fn json(status: u16, v: &impl serde::Serialize) -> RouteAnswer {
         RouteAnswer {
             status,
             content_type: "application/json",
@@ -54,12 +54,39 @@ pub(crate) struct Ctx<'a> {
     pub now_secs: u64,
 }
 
-pub(crate) fn error_value(message: &str, typ: &str, param: Option<&str>, code: Option<&str>) -> Value {
-    json!({"error": {"message": message, "type": typ, "param": param, "code": code}})
+/// OpenAI's error envelope; a struct (not a `Value`) so the fields keep OpenAI's order.
+#[derive(serde::Serialize)]
+pub(crate) struct ErrorBody {
+    error: ErrorInner,
+}
+
+#[derive(serde::Serialize)]
+struct ErrorInner {
+    message: String,
+    #[serde(rename = "type")]
+    typ: String,
+    param: Option<String>,
+    code: Option<String>,
+}
+
+pub(crate) fn error_value(
+    message: &str,
+    typ: &str,
+    param: Option<&str>,
+    code: Option<&str>,
+) -> ErrorBody {
+    ErrorBody {
+        error: ErrorInner {
+            message: message.to_string(),
+            typ: typ.to_string(),
+            param: param.map(str::to_string),
+            code: code.map(str::to_string),
+        },
+    }
 }
 
 /// Body of an error step (`500`, `429:quota`, ...), shaped like OpenAI's.
-pub(crate) fn error_body(e: &ErrorStep, model: &str, request_id: &str) -> Value {
+pub(crate) fn error_body(e: &ErrorStep, model: &str, request_id: &str) -> ErrorBody {
     let server = format!(
         "The server had an error processing your request. Sorry about that! You can retry your request, or contact us through our help center at help.openai.com if you keep seeing this error. (Please include the request ID {request_id} in your email.)"
     );
@@ -156,7 +183,11 @@ fn prompt_tokens(req: &Value, keys: &[&str]) -> u64 {
 fn reply_pieces() -> Vec<String> {
     let mut out = Vec::new();
     for (i, w) in REPLY.split(' ').enumerate() {
-        out.push(if i == 0 { w.to_string() } else { format!(" {w}") });
+        out.push(if i == 0 {
+            w.to_string()
+        } else {
+            format!(" {w}")
+        });
     }
     out
 }
@@ -212,8 +243,16 @@ fn b64(bytes: &[u8]) -> String {
             | *c.get(2).unwrap_or(&0) as u32;
         out.push(T[(n >> 18) as usize & 63] as char);
         out.push(T[(n >> 12) as usize & 63] as char);
-        out.push(if c.len() > 1 { T[(n >> 6) as usize & 63] as char } else { '=' });
-        out.push(if c.len() > 2 { T[n as usize & 63] as char } else { '=' });
+        out.push(if c.len() > 1 {
+            T[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        out.push(if c.len() > 2 {
+            T[n as usize & 63] as char
+        } else {
+            '='
+        });
     }
     out
 }

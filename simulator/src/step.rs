@@ -156,7 +156,9 @@ impl FromStr for Step {
                     e.quota = match v {
                         "" | "true" | "1" | "yes" => true,
                         "false" | "0" | "no" => false,
-                        _ => return Err(format!("`quota` takes no value or true/false, got `{v}`")),
+                        _ => {
+                            return Err(format!("`quota` takes no value or true/false, got `{v}`"));
+                        }
                     }
                 }
                 _ => return Err(format!("unknown modifier `{k}`")),
@@ -280,7 +282,9 @@ mod tests {
                 Step::StreamCut,
             ]
         );
-        let e: Step = "503:ra-ms=250+ra-date=3:retry=false:delay=10".parse().unwrap();
+        let e: Step = "503:ra-ms=250+ra-date=3:retry=false:delay=10"
+            .parse()
+            .unwrap();
         assert_eq!(
             e,
             Step::Error(ErrorStep {
@@ -292,14 +296,23 @@ mod tests {
                 ..Default::default()
             })
         );
-        assert_eq!("ok:delay=20".parse::<Step>().unwrap(), Step::Delay { ms: 20 });
+        assert_eq!(
+            "ok:delay=20".parse::<Step>().unwrap(),
+            Step::Delay { ms: 20 }
+        );
         assert_eq!(parse_script("").unwrap(), vec![]);
     }
 
     #[test]
     fn rejects_bad_forms() {
         for bad in [
-            "nope", "700", "200:ra=1", "500:ra=x", "500:quota", "hang:delay=5", "500:zzz",
+            "nope",
+            "700",
+            "200:ra=1",
+            "500:ra=x",
+            "500:quota",
+            "hang:delay=5",
+            "500:zzz",
             "delay=",
         ] {
             assert!(bad.parse::<Step>().is_err(), "{bad} should fail");
@@ -334,9 +347,15 @@ mod tests {
             serde_json::to_string(&steps[0]).unwrap(),
             r#"{"kind":"error","status":429,"retry_after_secs":1}"#
         );
-        assert_eq!(serde_json::to_string(&Step::Ok).unwrap(), r#"{"kind":"ok"}"#);
+        assert_eq!(
+            serde_json::to_string(&Step::Ok).unwrap(),
+            r#"{"kind":"ok"}"#
+        );
         assert_eq!(steps[4], Step::StreamCut);
         assert!(parse_steps_body(r#"{"kind":"error","status":200}"#).is_err());
-        assert_eq!(parse_steps_body("\"503\"").unwrap(), vec![Step::status(503)]);
+        assert_eq!(
+            parse_steps_body("\"503\"").unwrap(),
+            vec![Step::status(503)]
+        );
     }
 }
