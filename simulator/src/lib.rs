@@ -45,6 +45,11 @@
 //!          / "quota"                  ; 429 only: insufficient_quota instead of rate_limit_exceeded
 //! ```
 //!
+//! Aliases: `retry-after=`, `retry-after-ms=`, `retry-after-date=`, `should-retry=`,
+//! `stream_cut`. `ra` and `ra-date` together send two `retry-after` headers. Unknown heads or
+//! modifiers, statuses outside 400..=599, `quota` on anything but 429 and modifiers on
+//! `hang`/`reset`/`cut`/`stream-cut` are rejected with a message.
+//!
 //! Examples: `500,500,ok` · `429:ra=2,ok` · `503:ra-ms=250:retry=true,ok` · `429:quota` ·
 //! `delay=1500` · `500:delay=200+ra=1` · `reset,cut,stream-cut,hang`.
 //!
@@ -56,7 +61,7 @@
 //! Every API answer carries `x-request-id: req_<32 hex>` (unique), `openai-processing-ms`,
 //! `openai-version: 2020-10-01`, `x-ratelimit-limit-requests: 10000`,
 //! `x-ratelimit-remaining-requests: 9999`, `content-type` (`application/json` or
-//! `text/event-stream; charset=utf-8`) and always a `content-length` (streams are generated in
+//! `text/event-stream`) and always a `content-length` (streams are generated in
 //! full, so even SSE answers are length-delimited). Keep-alive is supported; `Connection: close`
 //! is honoured.
 //!

@@ -39,7 +39,7 @@ impl RouteAnswer {
         }
         RouteAnswer {
             status: 200,
-            content_type: "text/event-stream; charset=utf-8",
+            content_type: "text/event-stream",
             body,
             stream: true,
             event_ends,
