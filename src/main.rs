@@ -1,11 +1,13 @@
-//! Wiring only: logs, settings, clients, then the Lambda runtime.
+//! Wiring only: logs, settings, clients, metrics backend, then the Lambda runtime (joined with
+//! the metrics flush extension when `METRICS_BACKEND=cloudwatch`).
 
 use std::sync::Arc;
 
-use lambda_runtime::{Error, LambdaEvent, service_fn};
+use lambda_runtime::{Error, LambdaEvent, Runtime, layers, service_fn};
 use openai_lambda_proxy::config::{ClientAuth, KeySource, Settings};
 use openai_lambda_proxy::secrets::Secrets;
-use openai_lambda_proxy::telemetry::{logs, metrics};
+use openai_lambda_proxy::telemetry::backend::Metrics;
+use openai_lambda_proxy::telemetry::logs;
 use openai_lambda_proxy::{Invocation, Proxy};
 use serde_json::Value;
 
@@ -17,18 +19,22 @@ async fn main() -> Result<(), Error> {
         matches!(s.openai_key, KeySource::SecretArn(_))
             || matches!(s.auth, ClientAuth::SecretArn(_))
     });
-    let secrets_client = if uses_secrets {
-        let aws = aws_config::load_from_env().await;
-        Some(aws_sdk_secretsmanager::Client::new(&aws))
+    let aws = if uses_secrets || Metrics::needs_aws_config(settings.as_ref().ok()) {
+        Some(aws_config::load_from_env().await)
     } else {
         None
     };
+    let secrets_client = aws
+        .as_ref()
+        .filter(|_| uses_secrets)
+        .map(aws_sdk_secretsmanager::Client::new);
+    let metrics = Metrics::select(settings.as_ref().ok(), aws.as_ref());
     let proxy = Arc::new(Proxy::new(
         settings,
         Secrets::new(secrets_client),
-        Box::new(metrics::NoMetrics),
+        metrics.sink(),
     ));
-    lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
+    let handler = service_fn(move |event: LambdaEvent<Value>| {
         let proxy = proxy.clone();
         async move {
             let invocation = Invocation {
@@ -37,6 +43,9 @@ async fn main() -> Result<(), Error> {
             };
             Ok::<Value, Error>(proxy.handle_event(event.payload, invocation).await)
         }
-    }))
-    .await
+    });
+    let runtime = Runtime::new(handler)
+        .layer(layers::TracingLayer::new())
+        .layer(metrics.after_response_layer());
+    metrics.run(runtime.run()).await
 }

@@ -44,11 +44,87 @@ impl InvocationMetrics {
         m.retries = attempts.len().saturating_sub(1) as u64;
         m
     }
+
+    /// The §8 metrics as every backend publishes them, in [`METRIC_NAMES`] order: one value for
+    /// each count (zeros included) and one `UpstreamLatency` value per attempt. An invocation
+    /// that never called the upstream has no latency sample, so `UpstreamLatency` is left out
+    /// (CloudWatch has no empty sample).
+    pub fn data(&self) -> Vec<Datum> {
+        let count = |name, n: u64| Datum {
+            name,
+            unit: Unit::Count,
+            values: vec![n as f64],
+        };
+        let mut data = vec![
+            count("Requests", self.requests),
+            count("Upstream5xx", self.upstream_5xx),
+            count("Upstream429", self.upstream_429),
+            count("UpstreamTimeouts", self.upstream_timeouts),
+            count("UpstreamConnectionErrors", self.upstream_connection_errors),
+            count("Retries", self.retries),
+            count("UpstreamFailures", self.upstream_failures),
+        ];
+        if !self.upstream_latency_ms.is_empty() {
+            data.push(Datum {
+                name: "UpstreamLatency",
+                unit: Unit::Milliseconds,
+                values: self.upstream_latency_ms.clone(),
+            });
+        }
+        data.push(count("ColdStart", self.cold_start as u64));
+        data
+    }
+}
+
+/// Every metric name of §8, in the order [`InvocationMetrics::data`] emits them.
+pub const METRIC_NAMES: [&str; 9] = [
+    "Requests",
+    "Upstream5xx",
+    "Upstream429",
+    "UpstreamTimeouts",
+    "UpstreamConnectionErrors",
+    "Retries",
+    "UpstreamFailures",
+    "UpstreamLatency",
+    "ColdStart",
+];
+
+/// The metrics dimension (§8).
+pub const DIMENSION: &str = "FunctionName";
+
+/// One metric of one invocation: a single value for counts, one value per attempt for latency.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Datum {
+    pub name: &'static str,
+    pub unit: Unit,
+    pub values: Vec<f64>,
+}
+
+/// The CloudWatch units the metrics use (same spelling in PutMetricData and EMF).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unit {
+    Count,
+    Milliseconds,
+}
+
+impl Unit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unit::Count => "Count",
+            Unit::Milliseconds => "Milliseconds",
+        }
+    }
 }
 
 /// Where an invocation's metrics go. Implementations must never block or fail the response.
 pub trait MetricsSink: Send + Sync {
     fn record(&self, lambda_request_id: &str, metrics: InvocationMetrics);
+}
+
+impl<T: MetricsSink + ?Sized> MetricsSink for std::sync::Arc<T> {
+    fn record(&self, lambda_request_id: &str, metrics: InvocationMetrics) {
+        (**self).record(lambda_request_id, metrics)
+    }
 }
 
 /// `METRICS_BACKEND=none`.
@@ -103,5 +179,34 @@ mod tests {
         assert!(m.cold_start && m.upstream_failures == 0);
         let none = InvocationMetrics::from_attempts(&[], true, false);
         assert_eq!((none.retries, none.upstream_failures), (0, 1));
+    }
+
+    #[test]
+    fn data_has_every_count_even_zero_and_latency_per_attempt() {
+        let attempts = [attempt(Some(503), None, 12), attempt(Some(200), None, 34)];
+        let m = InvocationMetrics::from_attempts(&attempts, false, false);
+        let data = m.data();
+        let names: Vec<&str> = data.iter().map(|d| d.name).collect();
+        assert_eq!(names, METRIC_NAMES);
+        let value = |name: &str| data.iter().find(|d| d.name == name).unwrap().values.clone();
+        assert_eq!(value("Requests"), [1.0]);
+        assert_eq!(value("Upstream5xx"), [1.0]);
+        assert_eq!(value("Upstream429"), [0.0]);
+        assert_eq!(value("Retries"), [1.0]);
+        assert_eq!(value("ColdStart"), [0.0]);
+        assert_eq!(value("UpstreamLatency"), [12.0, 34.0]);
+        for d in &data {
+            let unit = if d.name == "UpstreamLatency" {
+                Unit::Milliseconds
+            } else {
+                Unit::Count
+            };
+            assert_eq!(d.unit, unit, "{}", d.name);
+        }
+
+        let rejected = InvocationMetrics::from_attempts(&[], false, true).data();
+        assert_eq!(rejected.len(), METRIC_NAMES.len() - 1);
+        assert!(rejected.iter().all(|d| d.name != "UpstreamLatency"));
+        assert_eq!(rejected.last().unwrap().values, [1.0]);
     }
 }
