@@ -143,7 +143,7 @@ impl Settings {
             env.get("OPENAI_API_KEY"),
         ) {
             (Some(arn), _) => KeySource::SecretArn(arn),
-            (None, Some(key)) => KeySource::Env(key),
+            (None, Some(key)) => KeySource::Env(header_token("OPENAI_API_KEY", key)?),
             (None, None) => {
                 return Err(ConfigError {
                     setting: "OPENAI_API_KEY",
@@ -202,8 +202,14 @@ impl Settings {
         let retry_max_attempts = env.number("RETRY_MAX_ATTEMPTS", 5, 1, 20)? as u32;
         Ok(Settings {
             openai_base_url,
-            openai_organization: env.get("OPENAI_ORGANIZATION"),
-            openai_project: env.get("OPENAI_PROJECT"),
+            openai_organization: env
+                .get("OPENAI_ORGANIZATION")
+                .map(|v| header_token("OPENAI_ORGANIZATION", v))
+                .transpose()?,
+            openai_project: env
+                .get("OPENAI_PROJECT")
+                .map(|v| header_token("OPENAI_PROJECT", v))
+                .transpose()?,
             openai_key,
             auth,
             allowed_models: env
@@ -238,6 +244,23 @@ fn invalid(setting: &'static str, problem: &str) -> ConfigError {
     ConfigError {
         setting,
         problem: problem.to_owned(),
+    }
+}
+
+/// Whether `value` can be sent as one HTTP header token: visible ASCII, no spaces or control
+/// characters (keys and OpenAI ids never have any; a stray newline would break every request).
+pub fn is_header_token(value: &str) -> bool {
+    !value.is_empty() && value.bytes().all(|b| b.is_ascii_graphic())
+}
+
+fn header_token(setting: &'static str, value: String) -> Result<String, ConfigError> {
+    if is_header_token(&value) {
+        Ok(value)
+    } else {
+        Err(invalid(
+            setting,
+            "holds spaces, control or non-ASCII characters, which cannot be sent in an HTTP header",
+        ))
     }
 }
 
@@ -341,8 +364,12 @@ mod tests {
             ("OPENAI_BASE_URL", "ftp://example.com"),
             ("AUTH_MODE", "maybe"),
             ("CONNECT_TIMEOUT_MS", "-5"),
+            ("OPENAI_ORGANIZATION", "org-x\nInjected: yes"),
+            ("OPENAI_PROJECT", "proj ünïcode"),
+            ("OPENAI_API_KEY", "sk-with\u{7}bell"),
         ] {
             let mut pairs = MINIMAL.to_vec();
+            pairs.retain(|(n, _)| *n != name);
             pairs.push((name, value));
             let err = settings(&pairs).unwrap_err();
             assert_eq!(err.setting, name);

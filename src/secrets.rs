@@ -61,6 +61,13 @@ impl Secrets {
             setting: SETTING,
             problem: "the secret holds neither a key nor JSON with an OPENAI_API_KEY field".into(),
         })?;
+        if !crate::config::is_header_token(&key) {
+            return Err(SecretError {
+                setting: SETTING,
+                problem: "the key in the secret holds spaces, control or non-ASCII characters"
+                    .into(),
+            });
+        }
         let key: Arc<str> = Arc::from(key);
         *cached = Some(key.clone());
         Ok(key)
@@ -128,9 +135,13 @@ impl Secrets {
     }
 }
 
+/// The first line, at most 300 characters (cut on a character boundary).
 fn first_line(s: &str) -> &str {
     let s = s.lines().next().unwrap_or("");
-    &s[..s.len().min(300)]
+    match s.char_indices().nth(300) {
+        Some((end, _)) => &s[..end],
+        None => s,
+    }
 }
 
 /// A raw key, or JSON `{"OPENAI_API_KEY": "..."}` (also `api_key` / `key`).
@@ -201,6 +212,14 @@ mod tests {
         assert_eq!(parse_tokens(r#"{"PROXY_API_KEYS":"a,b"}"#), ["a", "b"]);
         assert_eq!(parse_tokens(r#"{"PROXY_API_KEYS":["x"]}"#), ["x"]);
         assert!(parse_tokens("{broken").is_empty());
+    }
+
+    #[test]
+    fn first_line_cuts_on_char_boundaries() {
+        assert_eq!(first_line("a\nb"), "a");
+        let long = "é".repeat(400);
+        assert_eq!(first_line(&long).chars().count(), 300);
+        assert_eq!(first_line(""), "");
     }
 
     #[tokio::test]

@@ -357,6 +357,17 @@ impl Proxy {
             }
         }
 
+        // A value reqwest cannot put in a header would fail every attempt before it is sent.
+        for (name, shown) in [
+            ("content-type", "Content-Type"),
+            ("idempotency-key", "Idempotency-Key"),
+        ] {
+            if ev.header(name).is_some_and(|v| !forwardable(v)) {
+                let message = format!("Header `{shown}` holds control characters.");
+                return reject(summary, ErrorCode::InvalidRequest, message);
+            }
+        }
+
         let key = match self
             .secrets
             .openai_key(&settings.openai_key, false, within)
@@ -428,7 +439,7 @@ impl Proxy {
                 &SystemClock,
                 &TokioSleeper,
                 &mut FastRandJitter,
-                attempt_with(key),
+                attempt_with(key.clone()),
                 |r| log_attempt(route, model, r, 0),
             )
             .await;
@@ -444,6 +455,13 @@ impl Proxy {
         else {
             return run;
         };
+        if fresh == key {
+            // Not rotated: the same key would be rejected again.
+            tracing::warn!(
+                "upstream rejected the OpenAI key (401); the secret still holds the same key"
+            );
+            return run;
+        }
         tracing::warn!(
             "upstream rejected the OpenAI key (401); fetched it again from Secrets Manager and retrying once"
         );
@@ -681,6 +699,11 @@ fn render(kind: Option<GatewayKind>, resp: ProxyResponse) -> Value {
             "cookies": [],
         }),
     }
+}
+
+/// Whether a client header value can be forwarded (what `http::HeaderValue` accepts).
+fn forwardable(value: &str) -> bool {
+    value.bytes().all(|b| (b >= 32 && b != 127) || b == b'\t')
 }
 
 /// Client text echoed in messages is cut short and stripped of control characters.

@@ -1,0 +1,335 @@
+//! Keys and tokens from Secrets Manager (spec §7) through a real local emulator: a moto server
+//! started by the test, the real aws-sdk-secretsmanager client pointed at it, the real handler
+//! in process and the OpenAI simulator upstream. Needs `make venv` (moto comes from the venv).
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use openai_simulator::{Simulator, parse_script};
+use serde_json::Value;
+use support::events::{
+    assert_error, chat_body, header, invoke, invoke_within, proxy, request_id, status, v2,
+};
+use support::logs;
+use support::moto::{
+    CountingPassThrough, Moto, black_hole, create_secret, free_port, put_secret_value,
+    secrets_client,
+};
+
+async fn moto() -> Moto {
+    tokio::task::spawn_blocking(Moto::start).await.unwrap()
+}
+
+async fn sim() -> Simulator {
+    Simulator::start(0).await.expect("start the simulator")
+}
+
+fn chat(token: &str) -> Value {
+    v2(
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("authorization", &format!("Bearer {token}")),
+            ("content-type", "application/json"),
+        ],
+        Some(&chat_body("gpt-4o-mini")),
+    )
+}
+
+fn bearer_seen(sim: &Simulator) -> Vec<String> {
+    sim.requests()
+        .iter()
+        .map(|r| r.header("authorization").unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_and_json_secrets_for_the_key_and_the_tokens() {
+    let secrets = [
+        "sk-moto-raw-key-0000000001",
+        "tok-moto-raw-0000000001",
+        "tok-moto-raw-0000000002",
+        "sk-moto-json-key-000000001",
+        "tok-moto-json-000000000001",
+        "tok-moto-array-00000000001",
+    ];
+    let _logs = logs::check(&secrets);
+    let moto = moto().await;
+    let sm = secrets_client(&moto.endpoint()).await;
+    let sim = sim().await;
+    let base = sim.base_url();
+
+    let raw_key = create_secret(&sm, "raw-key", "sk-moto-raw-key-0000000001\n").await;
+    let raw_tokens = create_secret(
+        &sm,
+        "raw-tokens",
+        "tok-moto-raw-0000000001, tok-moto-raw-0000000002",
+    )
+    .await;
+    let json_key = create_secret(
+        &sm,
+        "json-key",
+        r#"{"OPENAI_API_KEY": "sk-moto-json-key-000000001"}"#,
+    )
+    .await;
+    let json_tokens = create_secret(
+        &sm,
+        "json-tokens",
+        r#"{"PROXY_API_KEYS": "tok-moto-json-000000000001"}"#,
+    )
+    .await;
+    let array_tokens =
+        create_secret(&sm, "array-tokens", r#"["tok-moto-array-00000000001"]"#).await;
+
+    for (key_arn, tokens_arn, key, token) in [
+        (&raw_key, &raw_tokens, secrets[0], secrets[1]),
+        (&raw_key, &raw_tokens, secrets[0], secrets[2]),
+        (&json_key, &json_tokens, secrets[3], secrets[4]),
+        (&json_key, &array_tokens, secrets[3], secrets[5]),
+    ] {
+        sim.clear_requests();
+        let p = proxy(
+            &[
+                ("OPENAI_BASE_URL", &base),
+                ("OPENAI_API_KEY_SECRET_ARN", key_arn),
+                ("PROXY_API_KEYS_SECRET_ARN", tokens_arn),
+                // Secrets Manager wins over the environment when both are set.
+                ("OPENAI_API_KEY", "sk-env-key-should-not-be-used"),
+            ],
+            Some(sm.clone()),
+        );
+        let (resp, _) = invoke(&p, chat(token)).await;
+        assert_eq!(status(&resp), 200, "{resp}");
+        let (resp, _) = invoke(&p, chat("tok-not-in-the-secret-0001")).await;
+        assert_error(&resp, 401, "unauthorized");
+        assert_eq!(bearer_seen(&sim), [format!("Bearer {key}")]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_are_fetched_once_and_cached_across_invocations() {
+    let (old_key, new_key) = (
+        "sk-moto-cached-key-000000001",
+        "sk-moto-changed-key-00000002",
+    );
+    let token = "tok-moto-cached-00000000001";
+    let _logs = logs::check(&[old_key, new_key, token, "tok-moto-changed-0000000002"]);
+    let moto = moto().await;
+    let sm = secrets_client(&moto.endpoint()).await;
+    let counting = CountingPassThrough::start(moto.addr()).await;
+    let sim = sim().await;
+    let base = sim.base_url();
+    let key_arn = create_secret(&sm, "cached-key", old_key).await;
+    let tokens_arn = create_secret(&sm, "cached-tokens", token).await;
+    let p = proxy(
+        &[
+            ("OPENAI_BASE_URL", &base),
+            ("OPENAI_API_KEY_SECRET_ARN", &key_arn),
+            ("PROXY_API_KEYS_SECRET_ARN", &tokens_arn),
+        ],
+        Some(secrets_client(&counting.endpoint()).await),
+    );
+    for _ in 0..5 {
+        assert_eq!(status(&invoke(&p, chat(token)).await.0), 200);
+    }
+    // One GetSecretValue for the key, one for the tokens, however many invocations.
+    assert_eq!(counting.get_secret_value_calls(), 2);
+
+    // Change both secrets in moto: the warm function keeps using what it read at first.
+    put_secret_value(&sm, &key_arn, new_key).await;
+    put_secret_value(&sm, &tokens_arn, "tok-moto-changed-0000000002").await;
+    for _ in 0..3 {
+        assert_eq!(status(&invoke(&p, chat(token)).await.0), 200);
+    }
+    assert_eq!(counting.get_secret_value_calls(), 2);
+    assert!(
+        bearer_seen(&sim)
+            .iter()
+            .all(|b| *b == format!("Bearer {old_key}"))
+    );
+
+    // Even with Secrets Manager gone, the cached values keep serving.
+    drop(moto);
+    assert_eq!(status(&invoke(&p, chat(token)).await.0), 200);
+    assert_eq!(sim.requests().len(), 9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_401_refetches_the_key_once_and_retries_with_the_rotated_one() {
+    let (old_key, new_key) = ("sk-moto-rotate-old-00000001", "sk-moto-rotate-new-00000002");
+    let token = "tok-moto-rotate-000000000001";
+    let logs = logs::check(&[old_key, new_key, token]);
+    let moto = moto().await;
+    let sm = secrets_client(&moto.endpoint()).await;
+    let counting = CountingPassThrough::start(moto.addr()).await;
+    let sim = sim().await;
+    let base = sim.base_url();
+    let key_arn = create_secret(&sm, "rotating-key", old_key).await;
+    let p = proxy(
+        &[
+            ("OPENAI_BASE_URL", &base),
+            ("OPENAI_API_KEY_SECRET_ARN", &key_arn),
+            ("PROXY_API_KEYS", token),
+        ],
+        Some(secrets_client(&counting.endpoint()).await),
+    );
+    assert_eq!(status(&invoke(&p, chat(token)).await.0), 200);
+    assert_eq!(counting.get_secret_value_calls(), 1);
+
+    // The key is rotated in Secrets Manager; OpenAI now rejects the old one.
+    put_secret_value(&sm, &key_arn, new_key).await;
+    sim.set_script(parse_script("401,ok").unwrap());
+    let (resp, id) = invoke(&p, chat(token)).await;
+    assert_eq!(status(&resp), 200, "{resp}");
+    assert_eq!(header(&resp, "x-upstream-attempts"), Some("2"));
+    let lines = logs.capture().lines_for(&id);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["level"] == "WARN" && l["message"].as_str().unwrap_or("").contains("401")),
+        "the refetch after a 401 is logged"
+    );
+    assert_eq!(counting.get_secret_value_calls(), 2);
+    let old = format!("Bearer {old_key}");
+    let new = format!("Bearer {new_key}");
+    assert_eq!(bearer_seen(&sim), [old.clone(), old.clone(), new.clone()]);
+
+    // The new key is cached from then on.
+    assert_eq!(status(&invoke(&p, chat(token)).await.0), 200);
+    assert_eq!(counting.get_secret_value_calls(), 2);
+    assert_eq!(bearer_seen(&sim).last(), Some(&new));
+
+    // A 401 while the secret still holds the same key: fetched again once, no pointless retry,
+    // and the caller learns the server's key is the problem (not their token).
+    sim.clear_requests();
+    sim.set_script(parse_script("401").unwrap());
+    let (resp, _) = invoke(&p, chat(token)).await;
+    let msg = assert_error(&resp, 502, "upstream_auth_failed");
+    assert!(!msg.contains(new_key), "{msg}");
+    assert_eq!(counting.get_secret_value_calls(), 3);
+    assert_eq!(bearer_seen(&sim), [new]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_or_unusable_secrets_are_config_errors_naming_the_setting() {
+    let values = [
+        "sk-moto-good-key-0000000001",
+        "tok-moto-good-00000000001",
+        "not-a-key-json-value-000001",
+        "sk-moto-broken\nkey-value-01",
+    ];
+    let _logs = logs::check(&values);
+    let moto = moto().await;
+    let sm = secrets_client(&moto.endpoint()).await;
+    let sim = sim().await;
+    let base = sim.base_url();
+    let good_key = create_secret(&sm, "good-key", values[0]).await;
+    let good_tokens = create_secret(&sm, "good-tokens", values[1]).await;
+    let no_field = create_secret(
+        &sm,
+        "no-field",
+        r#"{"other": "not-a-key-json-value-000001"}"#,
+    )
+    .await;
+    let broken = create_secret(&sm, "broken-key", values[3]).await;
+    let no_tokens = create_secret(&sm, "no-tokens", r#"{"PROXY_API_KEYS": []}"#).await;
+    let absent = "arn:aws:secretsmanager:us-east-1:123456789012:secret:does-not-exist-AbCdEf";
+
+    for (key, tokens, setting) in [
+        (absent, good_tokens.as_str(), "OPENAI_API_KEY_SECRET_ARN"),
+        (
+            no_field.as_str(),
+            good_tokens.as_str(),
+            "OPENAI_API_KEY_SECRET_ARN",
+        ),
+        (
+            broken.as_str(),
+            good_tokens.as_str(),
+            "OPENAI_API_KEY_SECRET_ARN",
+        ),
+        (good_key.as_str(), absent, "PROXY_API_KEYS_SECRET_ARN"),
+        (
+            good_key.as_str(),
+            no_tokens.as_str(),
+            "PROXY_API_KEYS_SECRET_ARN",
+        ),
+    ] {
+        let p = proxy(
+            &[
+                ("OPENAI_BASE_URL", &base),
+                ("OPENAI_API_KEY_SECRET_ARN", key),
+                ("PROXY_API_KEYS_SECRET_ARN", tokens),
+            ],
+            Some(sm.clone()),
+        );
+        let (resp, _) = invoke(&p, chat(values[1])).await;
+        let msg = assert_error(&resp, 500, "config_error");
+        assert!(msg.contains(setting), "{setting}: {msg}");
+        for v in &values {
+            assert!(
+                !msg.contains(v),
+                "{setting}: message leaks a secret value: {msg}"
+            );
+        }
+        assert_eq!(
+            status(&invoke(&p, v2("GET", "/health", &[], None)).await.0),
+            200
+        );
+    }
+    assert!(sim.requests().is_empty());
+
+    // A failure is not cached: once the secret exists, the same warm function works.
+    let p = proxy(
+        &[
+            ("OPENAI_BASE_URL", &base),
+            ("OPENAI_API_KEY_SECRET_ARN", "created-later"),
+            ("PROXY_API_KEYS_SECRET_ARN", &good_tokens),
+        ],
+        Some(sm.clone()),
+    );
+    assert_error(&invoke(&p, chat(values[1])).await.0, 500, "config_error");
+    create_secret(&sm, "created-later", values[0]).await;
+    assert_eq!(status(&invoke(&p, chat(values[1])).await.0), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_manager_down_or_hanging_is_a_quick_config_error_within_the_deadline() {
+    let _logs = logs::check(&["tok-moto-down-000000000001"]);
+    let sim = sim().await;
+    let base = sim.base_url();
+    let refused = format!("http://127.0.0.1:{}", free_port());
+    let hanging = format!("http://{}", black_hole().await);
+    for endpoint in [refused, hanging] {
+        let arn = "arn:aws:secretsmanager:us-east-1:123456789012:secret:tokens-AbCdEf";
+        let p = proxy(
+            &[
+                ("OPENAI_BASE_URL", &base),
+                ("OPENAI_API_KEY", "sk-env-key-down-0000000001"),
+                ("PROXY_API_KEYS_SECRET_ARN", arn),
+            ],
+            Some(secrets_client(&endpoint).await),
+        );
+        let started = Instant::now();
+        let budget_ms = 3_000;
+        let resp = tokio::time::timeout(
+            Duration::from_secs(10),
+            invoke_within(
+                &p,
+                chat("tok-moto-down-000000000001"),
+                &request_id("down"),
+                budget_ms,
+            ),
+        )
+        .await
+        .expect("the handler hung on a Secrets Manager outage");
+        let elapsed = started.elapsed();
+        let msg = assert_error(&resp, 500, "config_error");
+        assert!(msg.contains("PROXY_API_KEYS_SECRET_ARN"), "{msg}");
+        assert!(
+            elapsed < Duration::from_millis(budget_ms),
+            "answered after {elapsed:?}, past the {budget_ms} ms Lambda deadline"
+        );
+    }
+    assert!(sim.requests().is_empty());
+}
