@@ -1,0 +1,531 @@
+"""Helpers for the metrics end-to-end tests (tests/e2e/test_metrics*.py).
+
+The real function binary runs against `LambdaEmulator`, a small Lambda Runtime API + Extensions
+API written here, so the test sees what Lambda sees: when the response was posted, and when
+the internal extension called `/next` again (the moment Lambda may freeze the environment).
+CloudWatch is tools/cw_cbor_front.py in front of an in-process moto; boto3 reads moto back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import threading
+import time
+import urllib.request
+import uuid
+from collections import deque
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import boto3
+
+REPO = Path(__file__).resolve().parents[2]
+FUNCTION_NAME = "openai-lambda-proxy-test"
+TOKEN = "demo-token"
+REGION = "us-east-1"
+COUNT_METRICS = [
+    "Requests",
+    "Upstream5xx",
+    "Upstream429",
+    "UpstreamTimeouts",
+    "UpstreamConnectionErrors",
+    "Retries",
+    "UpstreamFailures",
+    "ColdStart",
+]
+ALL_METRICS = COUNT_METRICS[:-1] + ["UpstreamLatency", "ColdStart"]
+
+
+def now_ms() -> float:
+    return time.time() * 1000
+
+
+def binary(name: str) -> Path:
+    """A built binary: `$PROXY_TEST_BIN_DIR`, else `$CARGO_TARGET_DIR|target` / release."""
+    explicit = os.environ.get("PROXY_TEST_BIN_DIR")
+    if explicit:
+        path = Path(explicit) / name
+    else:
+        target = Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target")
+        path = target / os.environ.get("PROXY_TEST_PROFILE", "release") / name
+    if not path.exists():
+        raise RuntimeError(
+            f"{path} is missing: run `make build` (or `cargo build --release --bin {name}`)"
+        )
+    return path
+
+
+def python() -> Path:
+    venv = Path(os.environ.get("PROXY_TEST_VENV") or REPO / ".venv")
+    py = venv / "bin" / "python"
+    if not py.exists():
+        raise RuntimeError(f"{py} is missing: run `make venv`")
+    return py
+
+
+def http_json(method: str, url: str, body=None, timeout: float = 10):
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    req = urllib.request.Request(url, data=data, method=method)
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        raw = resp.read()
+        return json.loads(raw) if raw.strip().startswith((b"{", b"[")) else raw
+
+
+class Process:
+    """A child process whose stdout lines are collected (and awaited) by a reader thread."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, name: str = ""):
+        self.name = name or Path(args[0]).name
+        self.lines: list[str] = []
+        self.cond = threading.Condition()
+        self.proc = subprocess.Popen(
+            args,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+        self.stderr: list[str] = []
+        threading.Thread(target=self._read, args=(self.proc.stdout, self.lines), daemon=True).start()
+        threading.Thread(target=self._read, args=(self.proc.stderr, self.stderr), daemon=True).start()
+
+    def _read(self, stream, sink):
+        for line in stream:
+            with self.cond:
+                sink.append(line.rstrip("\n"))
+                self.cond.notify_all()
+
+    def wait_line(self, pattern: str, timeout: float = 20) -> re.Match:
+        rx = re.compile(pattern)
+        end = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for line in self.lines:
+                    m = rx.search(line)
+                    if m:
+                        return m
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.name} exited ({self.proc.returncode}): {self.stderr[-20:]}")
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{self.name}: no line matching {pattern!r}; stderr: {self.stderr[-20:]}")
+                self.cond.wait(left)
+
+    def json_lines(self) -> list[dict]:
+        out = []
+        with self.cond:
+            lines = list(self.lines)
+        for line in lines:
+            try:
+                v = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(v, dict):
+                out.append(v)
+        return out
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+class Simulator:
+    def __init__(self):
+        self.p = Process([str(binary("openai-simulator")), "--port", "0", "--quiet"], name="simulator")
+        m = self.p.wait_line(r"listening on (http://\S+)/v1")
+        self.url = m.group(1)
+
+    def script(self, script: str):
+        http_json("PUT", f"{self.url}/_sim/script", script.encode())
+
+    def stop(self):
+        self.p.stop()
+
+
+class CloudWatchFront:
+    """tools/cw_cbor_front.py with moto in process; `cw` is an independent boto3 client on moto."""
+
+    def __init__(self, *extra: str):
+        self.p = Process([str(python()), str(REPO / "tools" / "cw_cbor_front.py"), "--moto", *extra],
+                         name="cw_cbor_front")
+        ready = json.loads(self.p.wait_line(r"^\{.*\"port\".*\}$").string)
+        self.port = ready["port"]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.moto_url = ready["moto_url"]
+        self.cw = boto3.client("cloudwatch", endpoint_url=self.moto_url, region_name=REGION,
+                               aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def configure(self, delay_ms: int = 0, fail: str = "none"):
+        http_json("PUT", f"{self.url}/_front/config", {"delay_ms": delay_ms, "fail": fail})
+
+    def requests(self, namespace: str | None = None) -> list[dict]:
+        reqs = http_json("GET", f"{self.url}/_front/requests")
+        return [r for r in reqs if namespace is None or r.get("namespace") == namespace]
+
+    def wait_requests(self, namespace: str, n: int, timeout: float = 10) -> list[dict]:
+        """Polls the front's log (an HTTP server in another process: there is no event to await)."""
+        end = time.monotonic() + timeout
+        while True:
+            reqs = [r for r in self.requests(namespace) if "answered_at_ms" in r]
+            if len(reqs) >= n or time.monotonic() > end:
+                return reqs
+            time.sleep(0.05)
+
+    def stop(self):
+        self.p.stop()
+
+
+class Invocation:
+    def __init__(self, request_id: str, event: dict, deliver_to_extension: bool):
+        self.request_id = request_id
+        self.event = event
+        self.deadline_ms = int(now_ms()) + 30_000
+        self.deliver_to_extension = deliver_to_extension
+        self.sent_at_ms: float | None = None
+        self.response_at_ms: float | None = None
+        self.response: dict | None = None
+        self.error: dict | None = None
+        self.extension_got_at_ms: float | None = None
+        self.extension_done_at_ms: float | None = None
+
+
+class LambdaEmulator:
+    """Runtime API (`/2018-06-01/runtime/...`) and Extensions API (`/2020-01-01/extension/...`).
+
+    Like Lambda, the next event is handed out only once the previous invocation is complete:
+    the response posted and every extension that got the INVOKE back on `/next`.
+    `miss_first_invoke=True` reproduces `cargo lambda watch`, whose first INVOKE never reaches
+    the extension.
+    """
+
+    def __init__(self, miss_first_invoke: bool = False):
+        self.cond = threading.Condition()
+        self.miss_first_invoke = miss_first_invoke
+        self.runtime_queue: deque[Invocation] = deque()
+        self.extension_queue: deque[Invocation] = deque()
+        self.invocations: dict[str, Invocation] = {}
+        self.extensions: list[dict] = []
+        self.extension_busy: Invocation | None = None
+        self.count = 0
+        self.init_errors: list[str] = []
+        emulator = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, fmt, *args):
+                pass
+
+            def _reply(self, status: int, body, headers: dict | None = None):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _body(self) -> bytes:
+                n = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(n) if n else b""
+
+            def do_GET(self):
+                if self.path == "/2018-06-01/runtime/invocation/next":
+                    inv = emulator._next(emulator.runtime_queue)
+                    return self._reply(200, inv.event, {
+                        "Lambda-Runtime-Aws-Request-Id": inv.request_id,
+                        "Lambda-Runtime-Deadline-Ms": str(inv.deadline_ms),
+                        "Lambda-Runtime-Invoked-Function-Arn":
+                            f"arn:aws:lambda:{REGION}:123456789012:function:{FUNCTION_NAME}",
+                        "Lambda-Runtime-Trace-Id": "Root=1-00000000-000000000000000000000000;Sampled=0",
+                    })
+                if self.path == "/2020-01-01/extension/event/next":
+                    with emulator.cond:
+                        if emulator.extension_busy is not None:
+                            emulator.extension_busy.extension_done_at_ms = now_ms()
+                            emulator.extension_busy = None
+                            emulator.cond.notify_all()
+                    inv = emulator._next(emulator.extension_queue)
+                    with emulator.cond:
+                        inv.extension_got_at_ms = now_ms()
+                        emulator.extension_busy = inv
+                    return self._reply(200, {
+                        "eventType": "INVOKE",
+                        "deadlineMs": inv.deadline_ms,
+                        "requestId": inv.request_id,
+                        "invokedFunctionArn":
+                            f"arn:aws:lambda:{REGION}:123456789012:function:{FUNCTION_NAME}",
+                        "tracing": {"type": "X-Amzn-Trace-Id", "value": "Root=1-0-0;Sampled=0"},
+                    })
+                self._reply(404, {"errorMessage": f"no route GET {self.path}"})
+
+            def do_POST(self):
+                body = self._body()
+                m = re.fullmatch(r"/2018-06-01/runtime/invocation/([^/]+)/(response|error)", self.path)
+                if m:
+                    with emulator.cond:
+                        inv = emulator.invocations[m.group(1)]
+                        inv.response_at_ms = now_ms()
+                        if m.group(2) == "response":
+                            inv.response = json.loads(body)
+                        else:
+                            inv.error = json.loads(body or b"{}")
+                        emulator.cond.notify_all()
+                    return self._reply(202, {"status": "OK"})
+                if self.path == "/2020-01-01/extension/register":
+                    with emulator.cond:
+                        emulator.extensions.append({
+                            "name": self.headers.get("Lambda-Extension-Name"),
+                            "events": json.loads(body).get("events"),
+                        })
+                        emulator.cond.notify_all()
+                    return self._reply(200, {
+                        "functionName": FUNCTION_NAME,
+                        "functionVersion": "$LATEST",
+                        "handler": "bootstrap",
+                    }, {"Lambda-Extension-Identifier": str(uuid.uuid4())})
+                if self.path in ("/2018-06-01/runtime/init/error", "/2020-01-01/extension/init/error"):
+                    with emulator.cond:
+                        emulator.init_errors.append(body.decode(errors="replace"))
+                        emulator.cond.notify_all()
+                    return self._reply(202, {"status": "OK"})
+                self._reply(404, {"errorMessage": f"no route POST {self.path}"})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def _next(self, q: deque) -> Invocation:
+        with self.cond:
+            while not q:
+                self.cond.wait()
+            return q.popleft()
+
+    def _complete(self, inv: Invocation) -> bool:
+        if inv.response_at_ms is None:
+            return False
+        if inv.extension_got_at_ms is None:
+            return not inv.deliver_to_extension
+        return inv.extension_done_at_ms is not None
+
+    def wait_complete(self, inv: Invocation, timeout: float = 15) -> None:
+        """Until Lambda could freeze: response posted and the extension back on `/next`."""
+        end = time.monotonic() + timeout
+        with self.cond:
+            while not self._complete(inv):
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"invocation {inv.request_id} never completed")
+                self.cond.wait(left)
+
+    def wait_registered(self, timeout: float = 15) -> None:
+        end = time.monotonic() + timeout
+        with self.cond:
+            while not self.extensions:
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("no extension registered")
+                self.cond.wait(left)
+
+    def invoke(self, event: dict, timeout: float = 30) -> Invocation:
+        """Sends one event (after the previous invocation completed) and waits for its response."""
+        with self.cond:
+            for prev in self.invocations.values():
+                end = time.monotonic() + timeout
+                while not self._complete(prev):
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(f"previous invocation {prev.request_id} never completed")
+                    self.cond.wait(left)
+            self.count += 1
+            to_extension = bool(self.extensions) and not (self.miss_first_invoke and self.count == 1)
+            inv = Invocation(str(uuid.uuid4()), event, to_extension)
+            self.invocations[inv.request_id] = inv
+            inv.sent_at_ms = now_ms()
+            self.runtime_queue.append(inv)
+            if to_extension:
+                self.extension_queue.append(inv)
+            self.cond.notify_all()
+            end = time.monotonic() + timeout
+            while inv.response_at_ms is None:
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no response for {inv.request_id}")
+                self.cond.wait(left)
+        return inv
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def chat_event() -> dict:
+    event = json.loads((REPO / "events" / "apigw-v2-chat-completion.json").read_text())
+    event.setdefault("headers", {})["authorization"] = f"Bearer {TOKEN}"
+    # A fresh gateway start time: sample events carry an old one.
+    event.get("requestContext", {})["timeEpoch"] = int(now_ms())
+    return event
+
+
+def function_env(sim_url: str, runtime_api: str, namespace: str, backend: str,
+                 endpoint_url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "OPENAI_", "METRICS_"))}
+    env.update({
+        "AWS_LAMBDA_RUNTIME_API": runtime_api,
+        "AWS_LAMBDA_FUNCTION_NAME": FUNCTION_NAME,
+        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "128",
+        "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
+        "AWS_REGION": REGION,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_ENDPOINT_URL": endpoint_url,
+        "OPENAI_BASE_URL": f"{sim_url}/v1",
+        "OPENAI_API_KEY": "sk-sim-not-a-real-key",
+        "PROXY_API_KEYS": TOKEN,
+        "RETRY_BASE_DELAY_MS": "50",
+        "RETRY_MAX_DELAY_MS": "200",
+        "METRICS_BACKEND": backend,
+        "METRICS_NAMESPACE": namespace,
+        "RUST_LOG": "info",
+    })
+    return env
+
+
+class Function:
+    """The real function binary on a fresh LambdaEmulator."""
+
+    def __init__(self, sim: Simulator, namespace: str, backend: str = "cloudwatch",
+                 endpoint_url: str = "http://127.0.0.1:9", miss_first_invoke: bool = False):
+        self.emulator = LambdaEmulator(miss_first_invoke=miss_first_invoke)
+        env = function_env(sim.url, self.emulator.address, namespace, backend, endpoint_url)
+        self.p = Process([str(binary("openai-lambda-proxy"))], env=env, name="function")
+        if backend == "cloudwatch":
+            self.emulator.wait_registered()
+
+    def invoke(self, event: dict | None = None) -> Invocation:
+        return self.emulator.invoke(event or chat_event())
+
+    def logs(self) -> list[dict]:
+        return self.p.json_lines()
+
+    def stop(self):
+        self.p.stop()
+        self.emulator.stop()
+
+
+def attempt_latencies(logs: list[dict], request_id: str) -> list[float]:
+    return [float(line["latency_ms"]) for line in logs
+            if line.get("message") == "upstream attempt" and line.get("lambda_request_id") == request_id]
+
+
+def moto_metrics(front: CloudWatchFront, namespace: str) -> dict[str, dict]:
+    """Per metric name: dimensions, unit and SampleCount/Sum/Min/Max over the last hour (boto3)."""
+    out = {}
+    listed = front.cw.list_metrics(Namespace=namespace)["Metrics"]
+    end = time.time() + 300
+    for name in sorted({m["MetricName"] for m in listed}):
+        dims = [m["Dimensions"] for m in listed if m["MetricName"] == name]
+        stats = front.cw.get_metric_statistics(
+            Namespace=namespace, MetricName=name,
+            Dimensions=[{"Name": "FunctionName", "Value": FUNCTION_NAME}],
+            StartTime=end - 3900, EndTime=end, Period=3600,
+            Statistics=["SampleCount", "Sum", "Minimum", "Maximum"],
+        )["Datapoints"]
+        agg = {"dimensions": dims, "units": sorted({d["Unit"] for d in stats}),
+               "SampleCount": sum(d["SampleCount"] for d in stats),
+               "Sum": sum(d["Sum"] for d in stats),
+               "Minimum": min((d["Minimum"] for d in stats), default=None),
+               "Maximum": max((d["Maximum"] for d in stats), default=None)}
+        out[name] = agg
+    return out
+
+
+# EMF, per AWS's "Specification: Embedded metric format" (root `_aws` metadata, metric
+# directives, dimension sets, metric definitions). Member references (every dimension and metric
+# named in a directive is a top-level member holding a string / number or number array) are
+# checked by `check_emf_references`, which JSON Schema cannot express.
+STANDARD_UNITS = [
+    "Seconds", "Microseconds", "Milliseconds", "Bytes", "Kilobytes", "Megabytes", "Gigabytes",
+    "Terabytes", "Bits", "Kilobits", "Megabits", "Gigabits", "Terabits", "Percent", "Count",
+    "Bytes/Second", "Kilobytes/Second", "Megabytes/Second", "Gigabytes/Second",
+    "Terabytes/Second", "Bits/Second", "Kilobits/Second", "Megabits/Second", "Gigabits/Second",
+    "Terabits/Second", "Count/Second", "None",
+]
+EMF_SCHEMA = {
+    "$schema": "http://json-schema.org/draft-07/schema#",
+    "type": "object",
+    "required": ["_aws"],
+    "properties": {
+        "_aws": {
+            "type": "object",
+            "required": ["Timestamp", "CloudWatchMetrics"],
+            "properties": {
+                "Timestamp": {"type": "integer", "minimum": 0},
+                "CloudWatchMetrics": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["Namespace", "Dimensions", "Metrics"],
+                        "properties": {
+                            "Namespace": {"type": "string", "minLength": 1, "maxLength": 1024},
+                            "Dimensions": {
+                                "type": "array",
+                                "items": {
+                                    "type": "array",
+                                    "maxItems": 30,
+                                    "items": {"type": "string", "minLength": 1, "maxLength": 250},
+                                },
+                            },
+                            "Metrics": {
+                                "type": "array",
+                                "maxItems": 100,
+                                "items": {
+                                    "type": "object",
+                                    "required": ["Name"],
+                                    "properties": {
+                                        "Name": {"type": "string", "minLength": 1, "maxLength": 1024},
+                                        "Unit": {"type": "string", "enum": STANDARD_UNITS},
+                                        "StorageResolution": {"type": "integer", "enum": [1, 60]},
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def check_emf_references(doc: dict) -> None:
+    for directive in doc["_aws"]["CloudWatchMetrics"]:
+        for dimension_set in directive["Dimensions"]:
+            for name in dimension_set:
+                value = doc.get(name)
+                assert isinstance(value, str) and 1 <= len(value) <= 1024, f"dimension {name}: {value!r}"
+        for metric in directive["Metrics"]:
+            value = doc.get(metric["Name"])
+            if isinstance(value, list):
+                assert 1 <= len(value) <= 100, f"{metric['Name']}: {len(value)} values"
+                assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            else:
+                assert isinstance(value, (int, float)) and not isinstance(value, bool), \
+                    f"metric {metric['Name']} has no numeric member: {value!r}"
+
+
+def unique_namespace(label: str) -> str:
+    return f"ProxyTest/{label}/{uuid.uuid4().hex[:8]}"
+
