@@ -40,6 +40,17 @@ import botocore.exceptions
 import cbor2
 from botocore import xform_name
 
+
+class QuietServer(ThreadingHTTPServer):
+    """Clients that vanish (a killed function, an SDK timing out) are not errors here."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
+
+
 OPERATION_PREFIX = "/service/GraniteServiceVersion20100801/operation/"
 ERROR_NAMESPACE = "com.amazonaws.cloudwatch#"
 
@@ -217,7 +228,7 @@ def main() -> None:
         ap.error("give --moto or --moto-url")
 
     state = State(moto_url, args.region, args.delay_ms, args.fail)
-    server = ThreadingHTTPServer((args.host, args.port), make_handler(state))
+    server = QuietServer((args.host, args.port), make_handler(state))
     server.daemon_threads = True
     port = server.server_address[1]
     if args.fail == "refuse":

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -21,6 +22,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import boto3
+
+
+class QuietServer(ThreadingHTTPServer):
+    """Clients that vanish (a killed function, an SDK timing out) are not errors here."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
+
 
 REPO = Path(__file__).resolve().parents[2]
 FUNCTION_NAME = "openai-lambda-proxy-test"
@@ -90,8 +102,12 @@ class Process:
             bufsize=1,
         )
         self.stderr: list[str] = []
-        threading.Thread(target=self._read, args=(self.proc.stdout, self.lines), daemon=True).start()
-        threading.Thread(target=self._read, args=(self.proc.stderr, self.stderr), daemon=True).start()
+        self.readers = [
+            threading.Thread(target=self._read, args=(self.proc.stdout, self.lines), daemon=True),
+            threading.Thread(target=self._read, args=(self.proc.stderr, self.stderr), daemon=True),
+        ]
+        for t in self.readers:
+            t.start()
 
     def _read(self, stream, sink):
         for line in stream:
@@ -136,6 +152,8 @@ class Process:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        for t in self.readers:  # every line the process wrote is collected once they hit EOF
+            t.join(5)
 
 
 class Simulator:
@@ -301,7 +319,7 @@ class LambdaEmulator:
                     return self._reply(202, {"status": "OK"})
                 self._reply(404, {"errorMessage": f"no route POST {self.path}"})
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = QuietServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.address = f"127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
