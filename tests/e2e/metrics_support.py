@@ -131,6 +131,17 @@ class Process:
                     raise TimeoutError(f"{self.name}: no line matching {pattern!r}; stderr: {self.stderr[-20:]}")
                 self.cond.wait(left)
 
+    def wait_json(self, predicate, n: int, timeout: float = 10) -> list[dict]:
+        """Until at least `n` JSON lines match (stdout is read by another thread)."""
+        end = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                found = [line for line in self.json_lines() if predicate(line)]
+                left = end - time.monotonic()
+                if len(found) >= n or left <= 0 or self.proc.poll() is not None:
+                    return found
+                self.cond.wait(left)
+
     def json_lines(self) -> list[dict]:
         out = []
         with self.cond:
@@ -436,6 +447,17 @@ class Function:
 
     def logs(self) -> list[dict]:
         return self.p.json_lines()
+
+    def all_logs(self) -> list[dict]:
+        """Stops the function first, so that every line it wrote has been read."""
+        self.p.stop()
+        return self.p.json_lines()
+
+    def latencies(self, inv: "Invocation", attempts: int) -> list[float]:
+        """The `latency_ms` of each `upstream attempt` log line of `inv` (awaits `attempts` of them)."""
+        lines = self.p.wait_json(lambda l: l.get("message") == "upstream attempt"
+                                 and l.get("lambda_request_id") == inv.request_id, attempts)
+        return [float(line["latency_ms"]) for line in lines]
 
     def stop(self):
         self.p.stop()
