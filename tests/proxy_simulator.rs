@@ -29,7 +29,8 @@ fn logs() -> &'static Arc<Mutex<Vec<u8>>> {
         let subscriber = tracing_subscriber::registry()
             .with(tracing_subscriber::EnvFilter::new("info"))
             .with(JsonLines::new(move || LogWriter(sink.clone())));
-        tracing::subscriber::set_global_default(subscriber).expect("one subscriber per test binary");
+        tracing::subscriber::set_global_default(subscriber)
+            .expect("one subscriber per test binary");
         buf
     })
 }
@@ -84,13 +85,20 @@ async fn harness(script: &str, extra: &[(&str, &str)]) -> Harness {
         env.insert(k.to_string(), v.to_string());
     }
     let settings = Settings::from_lookup(|k| env.get(k).cloned());
-    let proxy = Arc::new(Proxy::new(settings, Secrets::new(None), Box::new(NoMetrics)));
+    let proxy = Arc::new(Proxy::new(
+        settings,
+        Secrets::new(None),
+        Box::new(NoMetrics),
+    ));
     Harness { sim, proxy }
 }
 
 fn chat_body(extra: Value) -> Value {
-    let mut body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": PROMPT}]});
-    body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    let mut body =
+        json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": PROMPT}]});
+    body.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
     body
 }
 
@@ -133,7 +141,13 @@ async fn invoke(h: &Harness, event: Value, lambda_ms: u64) -> Answer {
     let started = Instant::now();
     let out = h
         .proxy
-        .handle_event(event, Invocation { request_id: request_id.clone(), deadline_ms: epoch_ms() + lambda_ms })
+        .handle_event(
+            event,
+            Invocation {
+                request_id: request_id.clone(),
+                deadline_ms: epoch_ms() + lambda_ms,
+            },
+        )
         .await;
     let elapsed_ms = started.elapsed().as_millis() as u64;
     Answer {
@@ -146,7 +160,12 @@ async fn invoke(h: &Harness, event: Value, lambda_ms: u64) -> Answer {
 }
 
 async fn chat(h: &Harness, extra: Value) -> Answer {
-    invoke(h, v2_event("POST", "/v1/chat/completions", Some(&chat_body(extra)), 0), 60_000).await
+    invoke(
+        h,
+        v2_event("POST", "/v1/chat/completions", Some(&chat_body(extra)), 0),
+        60_000,
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -173,7 +192,11 @@ async fn a_persistent_503_ends_in_a_clear_502_before_the_deadline() {
     let a = chat(&h, json!({})).await;
     assert_eq!(a.status, 502, "{}", a.body);
     // Gateway deadline 3000 ms from the event's start, minus the 200 ms margin.
-    assert!(a.elapsed_ms < 2_800 + 150, "answered after {} ms", a.elapsed_ms);
+    assert!(
+        a.elapsed_ms < 2_800 + 150,
+        "answered after {} ms",
+        a.elapsed_ms
+    );
     let e = &a.json()["error"];
     assert_eq!(e["code"], "upstream_unavailable");
     assert_eq!(e["type"], "server_error");
@@ -181,15 +204,26 @@ async fn a_persistent_503_ends_in_a_clear_502_before_the_deadline() {
     let attempts = e["upstream"]["attempts"].as_u64().unwrap();
     assert!(attempts >= 3, "{attempts}");
     assert_eq!(attempts as usize, h.sim.requests().len());
-    assert_eq!(e["upstream"]["request_ids"].as_array().unwrap().len() as u64, attempts);
+    assert_eq!(
+        e["upstream"]["request_ids"].as_array().unwrap().len() as u64,
+        attempts
+    );
     assert_eq!(e["upstream"]["last_error"], "503 Service Unavailable");
     assert_eq!(e["lambda_request_id"], a.request_id.as_str());
     let msg = e["message"].as_str().unwrap();
-    for needle in ["503 Service Unavailable", &format!("{attempts} attempts"), "status.openai.com", "req_"] {
+    for needle in [
+        "503 Service Unavailable",
+        &format!("{attempts} attempts"),
+        "status.openai.com",
+        "req_",
+    ] {
         assert!(msg.contains(needle), "message lacks {needle:?}: {msg}");
     }
     assert_eq!(a.header("x-should-retry"), Some("false"));
-    assert_eq!(a.header("x-upstream-attempts"), Some(attempts.to_string().as_str()));
+    assert_eq!(
+        a.header("x-upstream-attempts"),
+        Some(attempts.to_string().as_str())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -197,7 +231,11 @@ async fn a_hang_ends_in_504_before_the_deadline() {
     let h = harness("hang", &[]).await;
     let a = chat(&h, json!({})).await;
     assert_eq!(a.status, 504, "{}", a.body);
-    assert!((2_600..2_800 + 150).contains(&a.elapsed_ms), "answered after {} ms", a.elapsed_ms);
+    assert!(
+        (2_600..2_800 + 150).contains(&a.elapsed_ms),
+        "answered after {} ms",
+        a.elapsed_ms
+    );
     let e = &a.json()["error"];
     assert_eq!(e["code"], "upstream_timeout");
     assert_eq!(e["upstream"]["attempts"], 1);
@@ -209,11 +247,20 @@ async fn a_hang_ends_in_504_before_the_deadline() {
 async fn the_lambda_deadline_bounds_the_run_too() {
     // No gateway limit (function URL), a real Lambda deadline 1.5 s away.
     let h = harness("hang", &[("GATEWAY_TIMEOUT_MS", "")]).await;
-    let mut event = v2_event("POST", "/v1/chat/completions", Some(&chat_body(json!({}))), 0);
+    let mut event = v2_event(
+        "POST",
+        "/v1/chat/completions",
+        Some(&chat_body(json!({}))),
+        0,
+    );
     event["requestContext"]["domainName"] = json!("abc.lambda-url.us-east-1.on.aws");
     let a = invoke(&h, event, 1_500).await;
     assert_eq!(a.status, 504);
-    assert!(a.elapsed_ms < 1_500 - 200 + 150, "answered after {} ms", a.elapsed_ms);
+    assert!(
+        a.elapsed_ms < 1_500 - 200 + 150,
+        "answered after {} ms",
+        a.elapsed_ms
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -256,7 +303,10 @@ async fn a_400_passes_through_after_one_attempt() {
     let a = chat(&h, json!({})).await;
     assert_eq!(a.status, 400);
     assert_eq!(a.json()["error"]["type"], "invalid_request_error");
-    assert!(a.json()["error"].get("upstream").is_none(), "the upstream's own body, unchanged");
+    assert!(
+        a.json()["error"].get("upstream").is_none(),
+        "the upstream's own body, unchanged"
+    );
     assert_eq!(h.sim.requests().len(), 1);
     assert_eq!(a.header("x-upstream-attempts"), Some("1"));
     assert_eq!(a.header("x-should-retry"), Some("false"));
@@ -293,7 +343,13 @@ async fn an_unreachable_upstream_is_a_502_naming_connect_errors() {
     assert_eq!(a.status, 502);
     let e = &a.json()["error"];
     assert_eq!(e["code"], "upstream_unavailable");
-    assert!(e["upstream"]["last_error"].as_str().unwrap().starts_with("connect_error"), "{e}");
+    assert!(
+        e["upstream"]["last_error"]
+            .as_str()
+            .unwrap()
+            .starts_with("connect_error"),
+        "{e}"
+    );
     assert_eq!(e["upstream"]["attempts"], 5);
 }
 
@@ -312,7 +368,11 @@ async fn stream_true_returns_the_buffered_sse_body() {
     let h = harness("ok", &[]).await;
     let a = chat(&h, json!({"stream": true})).await;
     assert_eq!(a.status, 200);
-    assert!(a.header("content-type").unwrap().starts_with("text/event-stream"));
+    assert!(
+        a.header("content-type")
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
     assert!(a.body.contains("chat.completion.chunk"));
     assert!(a.body.trim_end().ends_with("data: [DONE]"));
     // A stream that breaks mid-way is retried; the caller sees only the complete one.
@@ -327,10 +387,16 @@ async fn stream_true_returns_the_buffered_sse_body() {
 async fn a_rest_event_27_seconds_old_answers_at_once() {
     // Default retry settings: 29 s REST timeout − 27 s age − 500 ms margin = 1.5 s left, so after
     // one failure no backoff (≥ 500 ms) + MIN_ATTEMPT_MS (1000 ms) fits.
-    let h = harness("503", &[
-        ("RETRY_BASE_DELAY_MS", ""), ("RETRY_MAX_DELAY_MS", ""), ("MIN_ATTEMPT_MS", ""),
-        ("DEADLINE_MARGIN_MS", ""), ("GATEWAY_TIMEOUT_MS", ""),
-    ])
+    let h = harness(
+        "503",
+        &[
+            ("RETRY_BASE_DELAY_MS", ""),
+            ("RETRY_MAX_DELAY_MS", ""),
+            ("MIN_ATTEMPT_MS", ""),
+            ("DEADLINE_MARGIN_MS", ""),
+            ("GATEWAY_TIMEOUT_MS", ""),
+        ],
+    )
     .await;
     h.sim.set_default(parse_script("503").unwrap().remove(0));
     let body = chat_body(json!({})).to_string();
@@ -346,12 +412,28 @@ async fn a_rest_event_27_seconds_old_answers_at_once() {
     assert_eq!(a.status, 502, "{}", a.body);
     assert!(a.elapsed_ms < 300, "answered after {} ms", a.elapsed_ms);
     assert_eq!(a.json()["error"]["upstream"]["attempts"], 1);
-    assert!(a.json()["error"]["message"].as_str().unwrap().contains("budget exhausted"));
-    let finished = lines_of(&a.request_id).into_iter().find(|l| l["message"] == "request finished").unwrap();
-    assert!((1_400..=1_500).contains(&finished["budget_ms"].as_u64().unwrap()), "{finished}");
+    assert!(
+        a.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("budget exhausted")
+    );
+    let finished = lines_of(&a.request_id)
+        .into_iter()
+        .find(|l| l["message"] == "request finished")
+        .unwrap();
+    assert!(
+        (1_400..=1_500).contains(&finished["budget_ms"].as_u64().unwrap()),
+        "{finished}"
+    );
     // And when there is not even time for one attempt, the upstream is not called.
     let h2 = harness("ok", &[("GATEWAY_TIMEOUT_MS", "")]).await;
-    let mut late = v2_event("POST", "/v1/chat/completions", Some(&chat_body(json!({}))), 29_900);
+    let mut late = v2_event(
+        "POST",
+        "/v1/chat/completions",
+        Some(&chat_body(json!({}))),
+        29_900,
+    );
     late["requestContext"]["timeEpoch"] = json!(epoch_ms() - 29_900);
     let a = invoke(&h2, late, 60_000).await;
     assert_eq!(a.status, 504);
@@ -361,12 +443,22 @@ async fn a_rest_event_27_seconds_old_answers_at_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn only_the_allowed_headers_go_upstream() {
-    let h = harness("ok", &[("OPENAI_ORGANIZATION", "org-123"), ("OPENAI_PROJECT", "proj_9")]).await;
+    let h = harness(
+        "ok",
+        &[
+            ("OPENAI_ORGANIZATION", "org-123"),
+            ("OPENAI_PROJECT", "proj_9"),
+        ],
+    )
+    .await;
     let a = chat(&h, json!({})).await;
     assert_eq!(a.status, 200);
     let r = &h.sim.requests()[0];
     assert_eq!(r.path, "/v1/chat/completions");
-    assert_eq!(r.header("authorization"), Some(format!("Bearer {SERVER_KEY}").as_str()));
+    assert_eq!(
+        r.header("authorization"),
+        Some(format!("Bearer {SERVER_KEY}").as_str())
+    );
     assert_eq!(r.header("x-client-request-id"), Some(a.request_id.as_str()));
     assert_eq!(r.header("openai-organization"), Some("org-123"));
     assert_eq!(r.header("openai-project"), Some("proj_9"));
@@ -374,7 +466,11 @@ async fn only_the_allowed_headers_go_upstream() {
     assert_eq!(r.header("content-type"), Some("application/json"));
     assert_eq!(r.header("cookie"), None);
     assert_eq!(r.header("x-forwarded-for"), None);
-    assert_eq!(serde_json::from_slice::<Value>(&r.body).unwrap(), chat_body(json!({})), "body unchanged");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&r.body).unwrap(),
+        chat_body(json!({})),
+        "body unchanged"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -383,13 +479,31 @@ async fn logs_have_one_line_per_attempt_and_one_summary_without_secrets() {
     let a = chat(&h, json!({})).await;
     assert_eq!(a.status, 200);
     let lines = lines_of(&a.request_id);
-    let attempts: Vec<&Value> = lines.iter().filter(|l| l["message"] == "upstream attempt").collect();
-    let finished: Vec<&Value> = lines.iter().filter(|l| l["message"] == "request finished").collect();
+    let attempts: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["message"] == "upstream attempt")
+        .collect();
+    let finished: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["message"] == "request finished")
+        .collect();
     assert_eq!(attempts.len(), 3);
     assert_eq!(finished.len(), 1, "exactly one summary per invocation");
     for (i, l) in attempts.iter().enumerate() {
-        for key in ["timestamp", "level", "route", "model", "attempt", "status", "latency_ms",
-                    "upstream_request_id", "decision", "reason", "next_delay_ms", "remaining_ms"] {
+        for key in [
+            "timestamp",
+            "level",
+            "route",
+            "model",
+            "attempt",
+            "status",
+            "latency_ms",
+            "upstream_request_id",
+            "decision",
+            "reason",
+            "next_delay_ms",
+            "remaining_ms",
+        ] {
             assert!(l.get(key).is_some(), "attempt line lacks {key}: {l}");
         }
         assert_eq!(l["attempt"], i as u64 + 1);
@@ -402,23 +516,53 @@ async fn logs_have_one_line_per_attempt_and_one_summary_without_secrets() {
     assert_eq!(attempts[2]["decision"], "done");
     assert_eq!(attempts[2]["next_delay_ms"], Value::Null);
     let f = finished[0];
-    for key in ["timestamp", "level", "route", "model", "status", "code", "outcome", "attempts", "elapsed_ms",
-                "budget_ms", "upstream_request_ids", "cold_start"] {
+    for key in [
+        "timestamp",
+        "level",
+        "route",
+        "model",
+        "status",
+        "code",
+        "outcome",
+        "attempts",
+        "elapsed_ms",
+        "budget_ms",
+        "upstream_request_ids",
+        "cold_start",
+    ] {
         assert!(f.get(key).is_some(), "summary lacks {key}: {f}");
     }
-    assert_eq!((f["status"].as_u64(), f["outcome"].as_str(), f["attempts"].as_u64()), (Some(200), Some("success"), Some(3)));
+    assert_eq!(
+        (
+            f["status"].as_u64(),
+            f["outcome"].as_str(),
+            f["attempts"].as_u64()
+        ),
+        (Some(200), Some("success"), Some(3))
+    );
     assert_eq!(f["code"], Value::Null);
     assert_eq!(f["upstream_request_ids"].as_array().unwrap().len(), 3);
     assert_eq!(f["cold_start"], true);
-    assert!(f.get("fields").is_none() && f.get("span").is_none(), "flat lines");
+    assert!(
+        f.get("fields").is_none() && f.get("span").is_none(),
+        "flat lines"
+    );
 
     let text: String = lines.iter().map(|l| l.to_string()).collect();
-    for secret in [SERVER_KEY, CLIENT_TOKEN, PROMPT, "Hello from the OpenAI simulator"] {
+    for secret in [
+        SERVER_KEY,
+        CLIENT_TOKEN,
+        PROMPT,
+        "Hello from the OpenAI simulator",
+    ] {
         assert!(!text.contains(secret), "logs leak {secret:?}");
     }
     // A second invocation of the same process is warm.
     let b = chat(&h, json!({})).await;
-    let f2 = lines_of(&b.request_id).into_iter().find(|l| l["message"] == "request finished").unwrap();
+    let f2 = lines_of(&b.request_id)
+        .into_iter()
+        .find(|l| l["message"] == "request finished")
+        .unwrap();
     assert_eq!(f2["cold_start"], false);
 }
 
@@ -429,9 +573,25 @@ async fn a_failure_summary_carries_the_code_and_outcome() {
     let a = chat(&h, json!({})).await;
     assert_eq!(a.status, 502);
     let lines = lines_of(&a.request_id);
-    let last_attempt = lines.iter().rfind(|l| l["message"] == "upstream attempt").unwrap();
+    let last_attempt = lines
+        .iter()
+        .rfind(|l| l["message"] == "upstream attempt")
+        .unwrap();
     assert_eq!(last_attempt["decision"], "give_up");
-    let f = lines.iter().find(|l| l["message"] == "request finished").unwrap();
-    assert_eq!((f["code"].as_str(), f["outcome"].as_str(), f["level"].as_str()),
-               (Some("upstream_unavailable"), Some("upstream_failure"), Some("WARN")));
+    let f = lines
+        .iter()
+        .find(|l| l["message"] == "request finished")
+        .unwrap();
+    assert_eq!(
+        (
+            f["code"].as_str(),
+            f["outcome"].as_str(),
+            f["level"].as_str()
+        ),
+        (
+            Some("upstream_unavailable"),
+            Some("upstream_failure"),
+            Some("WARN")
+        )
+    );
 }
