@@ -595,7 +595,7 @@ def machine():
                 break
     rustc = subprocess.run(["rustc", "-V"], capture_output=True, text=True).stdout.strip()
     return {"cores": os.cpu_count(), "cpu": model, "kernel": platform.release(), "rustc": rustc,
-            "python": platform.python_version()}
+            "python": platform.python_version(), "loadavg_at_start": os.getloadavg()[0]}
 
 
 def release_profile(path):
@@ -658,15 +658,15 @@ def build_table(r):
         # "beyond noise": more than twice the none-vs-none spread, with a 50 µs / 200 µs floor.
         ok = dd50 <= max(2 * noise50, 0.05) and dd99 <= max(2 * noise99, 0.2)
         note = r["metrics_notes"].get(b, "")
+        busy = r["warm"]["environment_busy"][k]
         rows.append((f"5 metrics {b} p50 / p99", f"{x['p50_ms']:.3f} / {x['p99_ms']:.3f} ms",
-                     f"vs none: {dd50:+.3f} / {dd99:+.3f} ms" + (f" [{note}]" if note else ""),
+                     f"vs none: {dd50:+.3f} / {dd99:+.3f} ms; env busy (till extensions idle) "
+                     f"{busy['p50_ms']:.3f} / {busy['p99_ms']:.3f} ms" + (f" [{note}]" if note else ""),
                      "within noise", verdict(ok)))
     for sc in r["outage"]["scenarios"]:
         for side in ("ours", "naive"):
             c = sc[side]["caller"]
-            body = c["body"].replace("\n", " ")
-            if len(body) > 90:
-                body = body[:87] + "..."
+            body = short_body(c["body"])
             extra = f"; retry-after {c['retry_after']}" if c.get("retry_after") else ""
             rows.append((f"6 {sc['scenario']}: {'ours' if side == 'ours' else 'naive loop'}",
                          f"{c['status']} after {c['after_s']:.1f} s{extra}", body,
@@ -674,10 +674,24 @@ def build_table(r):
     return rows
 
 
+def short_body(body, limit=110):
+    """`code: message` of an OpenAI-shaped error, `message` of a gateway error, else the text."""
+    try:
+        j = json.loads(body)
+        if isinstance(j, dict) and isinstance(j.get("error"), dict):
+            e = j["error"]
+            body = f"{e.get('code')}: {e.get('message')}"
+        elif isinstance(j, dict) and "message" in j:
+            body = f"gateway: {j['message']}"
+    except ValueError:
+        pass
+    body = " ".join(str(body).split())
+    return body if len(body) <= limit else body[:limit - 3] + "..."
+
+
 def render(rows):
     head = ("figure", "ours", "baseline / detail", "target", "verdict")
     widths = [max(len(str(r[c])) for r in rows + [head]) for c in range(5)]
-    widths[2] = min(widths[2], 100)
     line = "| " + " | ".join(h.ljust(widths[c]) for c, h in enumerate(head)) + " |"
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     out = [line, sep]
@@ -739,7 +753,7 @@ async def main_async(args):
             if not n:
                 results["metrics_notes"]["cloudwatch"] = "no PutMetricData reached the emulator"
         print("[bench] outage scenarios (~30 s, all concurrently) ...", file=sys.stderr, flush=True)
-        scen, wall = await bench_outage(args)
+        scen, wall = await bench_outage(args) if not args.no_outage else ([], 0.0)
         results["outage"] = {"scenarios": scen, "wall_s": round(wall, 1)}
     finally:
         sim.stop()
@@ -747,12 +761,16 @@ async def main_async(args):
             cw.stop()
         del outage_task
     results["bench_py_seconds"] = round(time.time() - started, 1)
+    results["machine"]["loadavg_at_end"] = os.getloadavg()[0]
     rows = build_table(results)
     results["table"] = [dict(zip(("figure", "ours", "baseline", "target", "verdict"), r)) for r in rows]
     table = render(rows)
     results["table_text"] = table
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    m = results["machine"]
+    print(f"{results['date']}  {m['cores']} cores {m['cpu']}  load avg {m['loadavg_at_start']:.1f} -> "
+          f"{m['loadavg_at_end']:.1f} (anything else running shows up in the p99s)")
     print(table)
     print(f"\nwritten: {OUT / 'results.json'} (logs in {LOGS})")
 
@@ -767,6 +785,7 @@ def main():
     ap.add_argument("--cold-starts", type=int, default=25)
     ap.add_argument("--invocations", type=int, default=2000)
     ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--no-outage", action="store_true", help="skip the ~30 s outage scenarios")
     args = ap.parse_args()
     LOGS.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT / "bench"))
