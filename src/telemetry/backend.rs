@@ -78,11 +78,19 @@ impl Metrics {
         runtime: impl Future<Output = Result<(), BoxError>>,
     ) -> Result<(), BoxError> {
         match self {
-            Metrics::CloudWatch(cw) => {
-                let extension = cw.register_extension().await?;
-                tokio::try_join!(runtime, extension.run())?;
-                Ok(())
-            }
+            Metrics::CloudWatch(cw) => match cw.register_extension().await {
+                Ok(extension) => {
+                    tokio::try_join!(runtime, extension.run())?;
+                    Ok(())
+                }
+                // Never fail the function for metrics: without the extension, each record is
+                // published by the background task after its response (best effort: Lambda
+                // may freeze the environment before it runs).
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not register the metrics flush extension; publishing metrics in the background");
+                    runtime.await
+                }
+            },
             _ => runtime.await,
         }
     }
