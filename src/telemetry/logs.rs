@@ -96,6 +96,8 @@ where
             }
         }
         event.record(&mut Collect(&mut line));
+        // Some library events carry fields only; every line still has a `message` (§6).
+        line.entry("message").or_insert_with(|| Value::from(""));
         if !event
             .metadata()
             .target()
