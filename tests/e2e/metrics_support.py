@@ -170,7 +170,11 @@ class Process:
 class Simulator:
     def __init__(self):
         self.p = Process([str(binary("openai-simulator")), "--port", "0", "--quiet"], name="simulator")
-        m = self.p.wait_line(r"listening on (http://\S+)/v1")
+        try:
+            m = self.p.wait_line(r"listening on (http://\S+)/v1")
+        except BaseException:
+            self.p.stop()
+            raise
         self.url = m.group(1)
 
     def script(self, script: str):
@@ -186,7 +190,11 @@ class CloudWatchFront:
     def __init__(self, *extra: str):
         self.p = Process([str(python()), str(REPO / "tools" / "cw_cbor_front.py"), "--moto", *extra],
                          name="cw_cbor_front")
-        ready = json.loads(self.p.wait_line(r"^\{.*\"port\".*\}$").string)
+        try:
+            ready = json.loads(self.p.wait_line(r"^\{.*\"port\".*\}$").string)
+        except BaseException:
+            self.p.stop()
+            raise
         self.port = ready["port"]
         self.url = f"http://127.0.0.1:{self.port}"
         self.moto_url = ready["moto_url"]
@@ -440,7 +448,11 @@ class Function:
         env = function_env(sim.url, self.emulator.address, namespace, backend, endpoint_url)
         self.p = Process([str(binary("openai-lambda-proxy"))], env=env, name="function")
         if backend == "cloudwatch":
-            self.emulator.wait_registered()
+            try:
+                self.emulator.wait_registered()
+            except BaseException:
+                self.stop()
+                raise
 
     def invoke(self, event: dict | None = None) -> Invocation:
         return self.emulator.invoke(event or chat_event())
