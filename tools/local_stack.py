@@ -75,7 +75,8 @@ class LocalStack:
             env["OPENAI_API_KEY"] = os.environ["OPENAI_API_KEY"]
         else:
             self.sim_port = free_port()
-            sim_bin = REPO / "target" / "release" / "openai-simulator"
+            target = Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target")
+            sim_bin = target / "release" / "openai-simulator"
             self.sim = subprocess.Popen(
                 [str(sim_bin), "--port", str(self.sim_port)],
                 stdout=subprocess.DEVNULL,
