@@ -139,7 +139,8 @@ class RuntimeEmulator:
         self.first_next_ns = None
         self.first_next = asyncio.Event()
         self.init_error = None
-        self.tasks = set()
+        self.tasks = set()  # the writers of open connections
+        self.closing = False
         self.server = None
         self.port = None
 
@@ -148,25 +149,33 @@ class RuntimeEmulator:
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def close(self):
+        """Wake every parked long poll with None and drop every connection; no task is cancelled."""
+        self.closing = True
         if self.server:
             self.server.close()
-        for t in list(self.tasks):
-            t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for _ in range(len(self.tasks) + 1):
+            self.pending.put_nowait(None)
+        for e in self.extensions.values():
+            e.queue.put_nowait(None)
+        for w in list(self.tasks):
+            w.transport.abort()
+        for _ in range(50):
+            if not self.tasks:
+                break
+            await asyncio.sleep(0.01)
 
     async def _conn(self, reader, writer):
-        task = asyncio.current_task()
-        self.tasks.add(task)
+        self.tasks.add(writer)
         try:
-            while True:
+            while not self.closing:
                 start, headers, body = await read_message(reader)
                 t = now_ns()
                 method, path = start.split(" ")[:2]
                 await self._route(method, path, headers, body, writer, t)
-        except (EOFError, ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+        except (EOFError, ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
-            self.tasks.discard(task)
+            self.tasks.discard(writer)
             writer.close()
 
     async def _route(self, method, path, headers, body, writer, t):
@@ -176,6 +185,8 @@ class RuntimeEmulator:
                 self.first_next_ns = t
                 self.first_next.set()
             inv = await self.pending.get()
+            if inv is None:
+                raise EOFError
             self.inflight[inv.request_id] = inv
             msg = http_response(200, "OK", inv.event, [
                 ("Content-Type", "application/json"),
@@ -219,6 +230,8 @@ class RuntimeEmulator:
                 return
             ext.idle.set()
             ev = await ext.queue.get()
+            if ev is None:
+                raise EOFError
             ext.idle.clear()
             writer.write(http_response(200, "OK", json.dumps(ev).encode(), [
                 ("Content-Type", "application/json"),
@@ -639,9 +652,11 @@ def build_table(r):
     rows.append(("2 warm overhead added p50 / p99", f"+{add50:.3f} / +{add99:.3f} ms",
                  f"(hello via Runtime API: {w['warm-hello']['p50_ms']:.3f} / {w['warm-hello']['p99_ms']:.3f} ms)",
                  "p99 <= 1 ms", verdict(add99 <= 1.0) if add99 <= 1.0 else f"MISSED by {add99 - 1:.3f} ms"))
-    mem = r["warm"]["memory"]["warm-none"]["vmhwm_mib"]
-    rows.append((f"3 peak RSS (VmHWM) after {o['n'] + r['params']['warmup']} invocations", f"{mem:.1f} MiB",
-                 f"hello: {r['warm']['memory']['warm-hello']['vmhwm_mib']:.1f} MiB", "<= 32 MiB",
+    # The verdict takes the worst metrics backend (cloudwatch carries the AWS SDK client).
+    mem = max(v["vmhwm_mib"] for k, v in r["warm"]["memory"].items() if k != "warm-hello")
+    rows.append((f"3 peak RSS (VmHWM) after {o['n'] + r['params']['warmup']} invocations", f"none: {r['warm']['memory']['warm-none']['vmhwm_mib']:.1f} MiB",
+                 ", ".join(f"{k.removeprefix('warm-')}: {v['vmhwm_mib']:.1f} MiB"
+                           for k, v in r["warm"]["memory"].items() if k != "warm-none"), "<= 32 MiB",
                  verdict(mem <= 32) if mem <= 32 else f"MISSED by {mem - 32:.1f} MiB"))
     s = r["size"]
     for arch in ("x86_64", "arm64"):
@@ -763,8 +778,11 @@ async def main_async(args):
             results["cloudwatch_datapoints"] = n
             if not n:
                 results["metrics_notes"]["cloudwatch"] = "no PutMetricData reached the emulator"
-        print("[bench] outage scenarios (~30 s, all concurrently) ...", file=sys.stderr, flush=True)
-        scen, wall = await bench_outage(args) if not args.no_outage else ([], 0.0)
+        if args.no_outage:
+            scen, wall = [], 0.0
+        else:
+            print("[bench] outage scenarios (~30 s, all concurrently) ...", file=sys.stderr, flush=True)
+            scen, wall = await bench_outage(args)
         results["outage"] = {"scenarios": scen, "wall_s": round(wall, 1)}
     finally:
         sim.stop()
