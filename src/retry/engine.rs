@@ -109,6 +109,17 @@ pub enum RunOutcome {
     NoTimeToStart { remaining_ms: u64 },
 }
 
+/// What follows an attempt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Next {
+    /// A final answer: pass it on.
+    Done,
+    /// Sleep `wait_ms`, then try again.
+    Retry { wait_ms: u64 },
+    /// Retryable, but no further attempt fits.
+    GiveUp(GiveUpReason),
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RetryRun {
     pub outcome: RunOutcome,
@@ -134,8 +145,7 @@ impl Engine {
         Fut: Future<Output = AttemptOutcome>,
     {
         let started = clock.now_ms();
-        // An attempt needs at least 1 ms even when MIN_ATTEMPT_MS is 0.
-        let min_attempt = self.min_attempt_ms.max(1);
+        let min_attempt = self.min_attempt();
         let mut attempts = Vec::new();
         let remaining = deadline_ms.saturating_sub(started);
         if remaining < min_attempt {
@@ -183,62 +193,49 @@ impl Engine {
                 AttemptOutcome::Reply(r) => policy::retry_after_ms(r, end),
                 AttemptOutcome::Failed { .. } => None,
             };
-            let give_up = match policy::verdict(&outcome) {
-                Verdict::Final(reason) => {
-                    record.reason = reason.to_owned();
-                    None
-                }
+            let (reason, next) = match policy::verdict(&outcome) {
+                Verdict::Final(reason) => (reason.to_owned(), Next::Done),
                 Verdict::Retryable(reason) => {
-                    let timed_out = error_kind == Some(FailureKind::Timeout);
-                    let wait =
-                        retry_after.unwrap_or_else(|| self.policy.backoff_ms(number, jitter));
-                    let verdict = if (timed_out && cut_at_deadline) || remaining == 0 {
-                        Some(GiveUpReason::DeadlineReached)
-                    } else if number >= self.policy.max_attempts {
-                        Some(GiveUpReason::AttemptsExhausted)
-                    } else if retry_after.is_some_and(|w| w > remaining) {
-                        Some(GiveUpReason::RetryAfterPastDeadline)
-                    } else if remaining.saturating_sub(wait) < min_attempt {
-                        Some(GiveUpReason::BudgetExhausted)
-                    } else {
-                        None
+                    let cut_while_waiting =
+                        cut_at_deadline && error_kind == Some(FailureKind::Timeout);
+                    let next = self.after_retryable(
+                        number,
+                        remaining,
+                        retry_after,
+                        cut_while_waiting,
+                        jitter,
+                    );
+                    let reason = match next {
+                        Next::GiveUp(why) => format!("{reason}; {}", why.as_str()),
+                        _ => reason.to_owned(),
                     };
-                    match verdict {
-                        Some(why) => record.reason = format!("{reason}; {}", why.as_str()),
-                        None => {
-                            record.reason = reason.to_owned();
-                            record.decision = Decision::Retry;
-                            record.next_delay_ms = Some(wait);
-                        }
-                    }
-                    Some(verdict)
+                    (reason, next)
                 }
             };
-            let give_up = match give_up {
-                None => None,
-                Some(None) => {
+            record.reason = reason;
+            record.decision = match next {
+                Next::Done => Decision::Done,
+                Next::GiveUp(_) => Decision::GiveUp,
+                Next::Retry { wait_ms } => {
+                    record.decision = Decision::Retry;
+                    record.next_delay_ms = Some(wait_ms);
                     on_attempt(&record);
-                    let wait = record.next_delay_ms.unwrap_or(0);
                     attempts.push(record);
-                    sleeper.sleep(wait).await;
+                    sleeper.sleep(wait_ms).await;
                     continue;
-                }
-                Some(Some(why)) => {
-                    record.decision = Decision::GiveUp;
-                    Some(why)
                 }
             };
             on_attempt(&record);
             attempts.push(record);
-            let outcome = match (give_up, outcome) {
-                (None, AttemptOutcome::Reply(reply)) => RunOutcome::Answer(reply),
-                (Some(reason), last) => RunOutcome::GaveUp {
+            let outcome = match (next, outcome) {
+                (Next::GiveUp(reason), last) => RunOutcome::GaveUp {
                     reason,
                     last,
                     retry_after_ms: retry_after,
                 },
-                // A transport failure is always retryable, so it never reaches here without a reason.
-                (None, last) => RunOutcome::GaveUp {
+                (_, AttemptOutcome::Reply(reply)) => RunOutcome::Answer(reply),
+                // Transport failures are always retryable: they end in a retry or a give-up.
+                (_, last) => RunOutcome::GaveUp {
                     reason: GiveUpReason::DeadlineReached,
                     last,
                     retry_after_ms: None,
@@ -250,6 +247,39 @@ impl Engine {
                 elapsed_ms: end.saturating_sub(started),
             };
         }
+    }
+}
+
+impl Engine {
+    /// An attempt needs at least 1 ms even when `MIN_ATTEMPT_MS` is 0.
+    fn min_attempt(&self) -> u64 {
+        self.min_attempt_ms.max(1)
+    }
+
+    /// After a retryable failure: the wait before the next attempt, or why there is none.
+    /// `cut_while_waiting`: the attempt ran into the deadline itself.
+    fn after_retryable(
+        &self,
+        number: u32,
+        remaining: u64,
+        retry_after: Option<u64>,
+        cut_while_waiting: bool,
+        jitter: &mut impl Jitter,
+    ) -> Next {
+        let min_attempt = self.min_attempt();
+        let wait = retry_after.unwrap_or_else(|| self.policy.backoff_ms(number, jitter));
+        let why = if cut_while_waiting || remaining == 0 {
+            GiveUpReason::DeadlineReached
+        } else if number >= self.policy.max_attempts {
+            GiveUpReason::AttemptsExhausted
+        } else if retry_after.is_some_and(|w| w > remaining) {
+            GiveUpReason::RetryAfterPastDeadline
+        } else if remaining.saturating_sub(wait) < min_attempt {
+            GiveUpReason::BudgetExhausted
+        } else {
+            return Next::Retry { wait_ms: wait };
+        };
+        Next::GiveUp(why)
     }
 }
 
