@@ -41,6 +41,17 @@ pub struct DeadlineSettings {
     pub gateway_timeout_ms: Option<u64>,
 }
 
+/// The spec's defaults (`DEADLINE_MARGIN_MS`, `FALLBACK_TIMEOUT_MS`, `GATEWAY_TIMEOUT_MS` unset).
+impl Default for DeadlineSettings {
+    fn default() -> Self {
+        DeadlineSettings {
+            margin_ms: 500,
+            fallback_timeout_ms: 30_000,
+            gateway_timeout_ms: None,
+        }
+    }
+}
+
 /// The time this invocation has, fixed when it starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Budget {
@@ -108,6 +119,11 @@ impl Budget {
             lambda_deadline_replaced: !plausible,
             gateway_start_ignored,
         }
+    }
+
+    /// What is left until the deadline at `now_ms` (at least 1 ms, to bound a call with it).
+    pub fn time_left(&self, now_ms: u64) -> std::time::Duration {
+        std::time::Duration::from_millis(self.deadline_ms.saturating_sub(now_ms).max(1))
     }
 }
 

@@ -7,6 +7,8 @@ use std::fmt;
 
 use reqwest::Url;
 
+use crate::budget::DeadlineSettings;
+
 /// Everything the function can be configured with. Built by [`Settings::from_env`].
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -200,6 +202,7 @@ impl Settings {
             ));
         }
         let retry_max_attempts = env.number("RETRY_MAX_ATTEMPTS", 5, 1, 20)? as u32;
+        let deadline = DeadlineSettings::default();
         Ok(Settings {
             openai_base_url,
             openai_organization: env
@@ -220,14 +223,14 @@ impl Settings {
             retry_max_attempts,
             retry_base_delay_ms: env.number("RETRY_BASE_DELAY_MS", 1000, 0, FIFTEEN_MINUTES_MS)?,
             retry_max_delay_ms: env.number("RETRY_MAX_DELAY_MS", 8000, 0, FIFTEEN_MINUTES_MS)?,
-            deadline_margin_ms: env.number("DEADLINE_MARGIN_MS", 500, 0, 60_000)?,
+            deadline_margin_ms: env.number("DEADLINE_MARGIN_MS", deadline.margin_ms, 0, 60_000)?,
             min_attempt_ms: env.number("MIN_ATTEMPT_MS", 1000, 0, FIFTEEN_MINUTES_MS)?,
             connect_timeout_ms: env.number("CONNECT_TIMEOUT_MS", 2000, 1, FIFTEEN_MINUTES_MS)?,
             attempt_timeout_ms: env.optional_number("ATTEMPT_TIMEOUT_MS", 1, FIFTEEN_MINUTES_MS)?,
             gateway_timeout_ms: env.optional_number("GATEWAY_TIMEOUT_MS", 1, FIFTEEN_MINUTES_MS)?,
             fallback_timeout_ms: env.number(
                 "FALLBACK_TIMEOUT_MS",
-                30_000,
+                deadline.fallback_timeout_ms,
                 1,
                 FIFTEEN_MINUTES_MS,
             )?,
@@ -237,6 +240,17 @@ impl Settings {
                 .get("AWS_LAMBDA_FUNCTION_NAME")
                 .unwrap_or_else(|| "openai-lambda-proxy".into()),
         })
+    }
+}
+
+impl Settings {
+    /// The settings the deadline budget uses.
+    pub fn deadline(&self) -> DeadlineSettings {
+        DeadlineSettings {
+            margin_ms: self.deadline_margin_ms,
+            fallback_timeout_ms: self.fallback_timeout_ms,
+            gateway_timeout_ms: self.gateway_timeout_ms,
+        }
     }
 }
 

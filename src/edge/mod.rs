@@ -8,7 +8,6 @@ pub mod routes;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -41,13 +40,19 @@ pub struct Invocation {
 
 /// The function: settings, clients and caches built once at cold start.
 pub struct Proxy {
-    settings: Result<Settings, ConfigError>,
-    upstream: Option<UpstreamClient>,
+    /// Misconfigured: every proxied request answers 500 `config_error`.
+    state: Result<Ready, ConfigError>,
     secrets: Secrets,
     metrics: Box<dyn MetricsSink>,
     cold_start: AtomicBool,
     warned_lambda_deadline: AtomicBool,
     warned_gateway_start: AtomicBool,
+}
+
+/// What a well-configured function has.
+struct Ready {
+    settings: Settings,
+    upstream: UpstreamClient,
 }
 
 /// How an invocation ended, for the `outcome` log field.
@@ -93,34 +98,25 @@ impl Proxy {
         secrets: Secrets,
         metrics: Box<dyn MetricsSink>,
     ) -> Proxy {
-        let settings = settings.and_then(|s| {
-            UpstreamClient::new(&s.openai_base_url, s.connect_timeout_ms)
-                .map(|client| (s, client))
+        let state = settings.and_then(|settings| {
+            UpstreamClient::new(&settings.openai_base_url, settings.connect_timeout_ms)
+                .map(|upstream| Ready { settings, upstream })
                 .map_err(|_| ConfigError {
                     setting: "OPENAI_BASE_URL",
                     problem: "could not be used to build the HTTP client".into(),
                 })
         });
-        let (settings, upstream) = match settings {
-            Ok((s, client)) => (Ok(s), Some(client)),
-            Err(e) => {
-                tracing::error!(setting = e.setting, problem = %e.problem, "configuration error: every proxied request will answer 500 config_error");
-                (Err(e), None)
-            }
-        };
+        if let Err(e) = &state {
+            tracing::error!(setting = e.setting, problem = %e.problem, "configuration error: every proxied request will answer 500 config_error");
+        }
         Proxy {
-            settings,
-            upstream,
+            state,
             secrets,
             metrics,
             cold_start: AtomicBool::new(true),
             warned_lambda_deadline: AtomicBool::new(false),
             warned_gateway_start: AtomicBool::new(false),
         }
-    }
-
-    pub fn settings(&self) -> Result<&Settings, &ConfigError> {
-        self.settings.as_ref()
     }
 
     /// Answers one event. Runs the work on its own task so that even a panic becomes a §5
@@ -158,12 +154,12 @@ impl Proxy {
         let id = invocation.request_id.as_str();
         let parsed = GatewayEvent::parse(event);
         let gateway = parsed.as_ref().map(|e| (e.kind, e.start_ms));
-        let budget = Budget::compute(
-            invocation.deadline_ms,
-            gateway,
-            started,
-            &self.deadline_settings(),
-        );
+        // Misconfigured: nothing goes upstream, but the default deadline still makes sense.
+        let deadline = self
+            .state
+            .as_ref()
+            .map_or_else(|_| DeadlineSettings::default(), |r| r.settings.deadline());
+        let budget = Budget::compute(invocation.deadline_ms, gateway, started, &deadline);
         self.warn_about_emulators(&budget, invocation);
 
         let mut summary = Summary {
@@ -196,22 +192,6 @@ impl Proxy {
             );
         }
         render(parsed.map(|e| e.kind), resp)
-    }
-
-    fn deadline_settings(&self) -> DeadlineSettings {
-        match &self.settings {
-            Ok(s) => DeadlineSettings {
-                margin_ms: s.deadline_margin_ms,
-                fallback_timeout_ms: s.fallback_timeout_ms,
-                gateway_timeout_ms: s.gateway_timeout_ms,
-            },
-            // Misconfigured: nothing goes upstream, but the defaults still make sense.
-            Err(_) => DeadlineSettings {
-                margin_ms: 500,
-                fallback_timeout_ms: 30_000,
-                gateway_timeout_ms: None,
-            },
-        }
     }
 
     fn warn_about_emulators(&self, budget: &Budget, invocation: &Invocation) {
@@ -271,11 +251,12 @@ impl Proxy {
             }
             RouteKind::Forward { model_required } => model_required,
         };
-        let settings = match &self.settings {
-            Ok(s) => s,
+        let ready = match &self.state {
+            Ok(r) => r,
             Err(e) => return config_error(summary, id, e.setting, &e.problem),
         };
-        let within = Duration::from_millis(budget.deadline_ms.saturating_sub(epoch_ms()).max(1));
+        let settings = &ready.settings;
+        let within = budget.time_left(epoch_ms());
 
         match self.secrets.proxy_tokens(&settings.auth, within).await {
             Err(e) => return config_error(summary, id, e.setting, &e.problem),
@@ -392,7 +373,7 @@ impl Proxy {
         };
         let run = self
             .call_upstream(
-                settings,
+                ready,
                 route,
                 &forward,
                 key,
@@ -407,13 +388,14 @@ impl Proxy {
     /// key again once (rotation) and retries with what is left of the budget.
     async fn call_upstream(
         &self,
-        settings: &Settings,
+        ready: &Ready,
         route: &Route,
         forward: &ForwardRequest,
         key: Arc<str>,
         budget: &Budget,
         model: Option<&str>,
     ) -> RetryRun {
+        let (settings, client) = (&ready.settings, &ready.upstream);
         let engine = Engine {
             policy: RetryPolicy {
                 max_attempts: settings.retry_max_attempts,
@@ -423,10 +405,6 @@ impl Proxy {
             min_attempt_ms: settings.min_attempt_ms,
             attempt_timeout_ms: settings.attempt_timeout_ms,
         };
-        let client = self
-            .upstream
-            .as_ref()
-            .expect("settings are Ok, so the client exists");
         let attempt_with = |key: Arc<str>| {
             move |plan: crate::retry::AttemptPlan| {
                 let key = key.clone();
@@ -447,7 +425,7 @@ impl Proxy {
         if !(rejected_key && matches!(settings.openai_key, KeySource::SecretArn(_))) {
             return run;
         }
-        let within = Duration::from_millis(budget.deadline_ms.saturating_sub(epoch_ms()).max(1));
+        let within = budget.time_left(epoch_ms());
         let Ok(fresh) = self
             .secrets
             .openai_key(&settings.openai_key, true, within)
@@ -512,6 +490,7 @@ fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> P
             .collect(),
         last_error: None,
     };
+    let last_request_id = upstream.request_ids.last().cloned();
     let ids = if upstream.request_ids.is_empty() {
         "none".to_owned()
     } else {
@@ -632,25 +611,16 @@ fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> P
             )
         }
     };
-    if upstream_called(summary) {
+    if !summary.attempts.is_empty() {
         resp.set_header("x-upstream-attempts", summary.attempts.len().to_string());
     }
-    if let Some(rid) = summary
-        .attempts
-        .iter()
-        .rev()
-        .find_map(|a| a.upstream_request_id.clone())
-    {
+    if let Some(rid) = last_request_id {
         resp.set_header("x-request-id", rid);
     }
     if let Some(reply) = last_reply {
         pass_through_headers(&reply, &mut resp);
     }
     resp
-}
-
-fn upstream_called(summary: &Summary) -> bool {
-    !summary.attempts.is_empty()
 }
 
 /// Upstream `x-ratelimit-*`, `openai-processing-ms` and `retry-after` go to the caller.
