@@ -100,7 +100,7 @@ impl UpstreamClient {
 async fn exchange(builder: reqwest::RequestBuilder) -> AttemptOutcome {
     let response = match builder.send().await {
         Ok(r) => r,
-        Err(e) => return failed(&e, false),
+        Err(e) => return failed(e, false),
     };
     let status = response.status().as_u16();
     let headers = response
@@ -119,11 +119,11 @@ async fn exchange(builder: reqwest::RequestBuilder) -> AttemptOutcome {
             headers,
             body,
         }),
-        Err(e) => failed(&e, true),
+        Err(e) => failed(e, true),
     }
 }
 
-fn failed(e: &reqwest::Error, reading_body: bool) -> AttemptOutcome {
+fn failed(e: reqwest::Error, reading_body: bool) -> AttemptOutcome {
     let kind = if e.is_timeout() {
         FailureKind::Timeout
     } else if reading_body || e.is_body() || e.is_decode() {
@@ -139,31 +139,15 @@ fn failed(e: &reqwest::Error, reading_body: bool) -> AttemptOutcome {
     }
 }
 
-/// The error chain without the URL (which reveals nothing secret, but is noise) in one line.
-fn describe(e: &reqwest::Error) -> String {
-    let mut parts = Vec::new();
-    let mut source = e.source();
-    while let Some(s) = source {
-        parts.push(s.to_string());
-        source = s.source();
-    }
-    if parts.is_empty() {
-        parts.push(e.without_url_ref().to_string());
-    }
-    parts.dedup();
-    parts.join(": ")
-}
-
-trait WithoutUrl {
-    fn without_url_ref(&self) -> String;
-}
-
-impl WithoutUrl for reqwest::Error {
-    fn without_url_ref(&self) -> String {
-        let mut s = self.to_string();
-        if let Some(url) = self.url() {
-            s = s.replace(&format!(" ({url})"), "");
-        }
-        s
+/// The error's causes in one line; without causes, the error itself minus the URL (noise).
+fn describe(e: reqwest::Error) -> String {
+    let mut causes: Vec<String> = std::iter::successors(e.source(), |s| (*s).source())
+        .map(ToString::to_string)
+        .collect();
+    causes.dedup();
+    if causes.is_empty() {
+        e.without_url().to_string()
+    } else {
+        causes.join(": ")
     }
 }
