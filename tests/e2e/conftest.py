@@ -1,4 +1,5 @@
-"""End-to-end fixtures: the release binary under `cargo lambda watch` with the simulator."""
+"""End-to-end fixtures: the release binary under `cargo lambda watch` with the simulator
+(test_watch.py), and the simulator and CloudWatch front of the metrics tests (test_metrics_*.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 from local_stack import LocalStack  # noqa: E402
+from metrics_support import CloudWatchFront, Simulator  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +28,17 @@ def stack(tmp_path_factory):
         yield s
     finally:
         s.stop()
+
+
+@pytest.fixture(scope="module")
+def sim():
+    s = Simulator()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def front():
+    f = CloudWatchFront()
+    yield f
+    f.stop()

@@ -18,27 +18,12 @@ from metrics_support import (  # noqa: E402
     FUNCTION_NAME,
     CloudWatchFront,
     Function,
-    Simulator,
     moto_metrics,
     unique_namespace,
 )
 
 PUT_TIMEOUT_MS = 3000  # src/telemetry/cloudwatch.rs PUT_TIMEOUT
 TIMINGS: dict[str, float] = {}
-
-
-@pytest.fixture(scope="module")
-def sim():
-    s = Simulator()
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def front():
-    f = CloudWatchFront()
-    yield f
-    f.stop()
 
 
 @pytest.fixture

@@ -17,9 +17,7 @@ from metrics_support import (  # noqa: E402
     COUNT_METRICS,
     EMF_SCHEMA,
     FUNCTION_NAME,
-    CloudWatchFront,
     Function,
-    Simulator,
     attempt_latencies,
     check_emf_references,
     moto_metrics,
@@ -30,20 +28,6 @@ SCENARIOS = {
     "ride-out": ("500,500,ok", 200),
     "outage": ("503,503,503,503,503,503", 502),
 }
-
-
-@pytest.fixture(scope="module")
-def sim():
-    s = Simulator()
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def front():
-    f = CloudWatchFront()
-    yield f
-    f.stop()
 
 
 def emf_lines(fn: Function) -> list[dict]:
