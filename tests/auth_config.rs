@@ -4,10 +4,14 @@
 
 mod support;
 
+use std::sync::Arc;
+
+use openai_lambda_proxy::Proxy;
 use openai_simulator::Simulator;
 use serde_json::{Value, json};
 use support::events::{
-    assert_error, base64_body, chat_body, function_url, header, invoke, proxy, status, v1, v2,
+    assert_error, assert_error_naming, base64_body, bearer, chat_body, chat_event, function_url,
+    header, invoke, proxy_for, simulator, status, v1, v2,
 };
 use support::logs;
 
@@ -16,51 +20,31 @@ const TOKEN_A: &str = "proxy-token-alpha-0000000001";
 const TOKEN_B: &str = "proxy-token-bravo-0000000002";
 const TOKENS: &str = "proxy-token-alpha-0000000001, proxy-token-bravo-0000000002";
 
-async fn sim() -> Simulator {
-    Simulator::start(0).await.expect("start the simulator")
-}
-
-fn bearer(token: &str) -> String {
-    format!("Bearer {token}")
-}
-
-fn chat(auth: Option<&str>) -> Value {
-    let mut headers = vec![("content-type", "application/json")];
-    if let Some(a) = auth {
-        headers.push(("authorization", a));
-    }
-    v2(
-        "POST",
-        "/v1/chat/completions",
-        &headers,
-        Some(&chat_body("gpt-4o-mini")),
+/// A proxy for `sim` with the server key, then the `extra` settings (a later pair wins).
+fn proxy_to(sim: &Simulator, extra: &[(&str, &str)]) -> Arc<Proxy> {
+    proxy_for(
+        sim,
+        &[&[("OPENAI_API_KEY", SERVER_KEY)][..], extra].concat(),
+        None,
     )
+}
+
+/// A fresh simulator and a [`proxy_to`] it.
+async fn upstream_and_proxy(extra: &[(&str, &str)]) -> (Simulator, Arc<Proxy>) {
+    let sim = simulator().await;
+    let p = proxy_to(&sim, extra);
+    (sim, p)
 }
 
 #[tokio::test]
 async fn client_tokens_missing_malformed_wrong_and_right() {
     let logs = logs::check(&[SERVER_KEY, TOKEN_A, TOKEN_B]);
-    let sim = sim().await;
-    let base = sim.base_url();
-    let p = proxy(
-        &[
-            ("OPENAI_BASE_URL", &base),
-            ("OPENAI_API_KEY", SERVER_KEY),
-            ("PROXY_API_KEYS", TOKENS),
-        ],
-        None,
-    );
+    let (sim, p) = upstream_and_proxy(&[("PROXY_API_KEYS", TOKENS)]).await;
 
-    let (resp, id) = invoke(&p, chat(None)).await;
-    let msg = assert_error(&resp, 401, "unauthorized");
-    assert!(msg.contains("Authorization"), "{msg}");
+    let (resp, id) = invoke(&p, chat_event(None)).await;
+    assert_error_naming(&resp, 401, "unauthorized", "Authorization");
     // The capture sees the handler's own lines (so the secret scan scans real output).
-    let finished: Vec<Value> = logs
-        .capture()
-        .lines_for(&id)
-        .into_iter()
-        .filter(|l| l["message"] == "request finished")
-        .collect();
+    let finished = logs.capture().lines_with(&id, "request finished");
     assert_eq!(
         finished.len(),
         1,
@@ -88,7 +72,7 @@ async fn client_tokens_missing_malformed_wrong_and_right() {
         bearer("ünïcödé-token-value"),
     ];
     for auth in &refused {
-        let (resp, _) = invoke(&p, chat(Some(auth))).await;
+        let (resp, _) = invoke(&p, chat_event(Some(auth))).await;
         let msg = assert_error(&resp, 401, "unauthorized");
         assert!(!msg.contains(TOKEN_A) && !msg.contains(TOKEN_B), "{msg}");
         assert_eq!(header(&resp, "x-should-retry"), Some("false"));
@@ -146,16 +130,7 @@ async fn client_tokens_missing_malformed_wrong_and_right() {
 #[tokio::test]
 async fn health_answers_without_a_token_and_without_the_upstream() {
     let _logs = logs::check(&[SERVER_KEY, TOKEN_A]);
-    let sim = sim().await;
-    let base = sim.base_url();
-    let p = proxy(
-        &[
-            ("OPENAI_BASE_URL", &base),
-            ("OPENAI_API_KEY", SERVER_KEY),
-            ("PROXY_API_KEYS", TOKEN_A),
-        ],
-        None,
-    );
+    let (sim, p) = upstream_and_proxy(&[("PROXY_API_KEYS", TOKEN_A)]).await;
     for event in [
         v2("GET", "/health", &[], None),
         v2(
@@ -178,61 +153,37 @@ async fn health_answers_without_a_token_and_without_the_upstream() {
 #[tokio::test]
 async fn auth_mode_none_lets_callers_through_and_forwards_no_client_token() {
     let _logs = logs::check(&[SERVER_KEY, TOKEN_A]);
-    let sim = sim().await;
-    let base = sim.base_url();
-    let p = proxy(
-        &[
-            ("OPENAI_BASE_URL", &base),
-            ("OPENAI_API_KEY", SERVER_KEY),
-            ("AUTH_MODE", "none"),
-        ],
-        None,
-    );
-    assert_eq!(status(&invoke(&p, chat(None)).await.0), 200);
+    let (sim, p) = upstream_and_proxy(&[("AUTH_MODE", "none")]).await;
+    assert_eq!(status(&invoke(&p, chat_event(None)).await.0), 200);
     assert_eq!(
-        status(&invoke(&p, chat(Some(&bearer(TOKEN_A)))).await.0),
+        status(&invoke(&p, chat_event(Some(&bearer(TOKEN_A)))).await.0),
         200
     );
     for r in sim.requests() {
         assert_eq!(r.header("authorization"), Some(bearer(SERVER_KEY).as_str()));
     }
     // AUTH_MODE=none wins over configured tokens too.
-    let p = proxy(
-        &[
-            ("OPENAI_BASE_URL", &base),
-            ("OPENAI_API_KEY", SERVER_KEY),
-            ("AUTH_MODE", "NONE"),
-            ("PROXY_API_KEYS", TOKEN_A),
-        ],
-        None,
-    );
-    assert_eq!(status(&invoke(&p, chat(None)).await.0), 200);
+    let p = proxy_to(&sim, &[("AUTH_MODE", "NONE"), ("PROXY_API_KEYS", TOKEN_A)]);
+    assert_eq!(status(&invoke(&p, chat_event(None)).await.0), 200);
 }
 
 #[tokio::test]
 async fn no_tokens_configured_fails_closed() {
     let _logs = logs::check(&[SERVER_KEY]);
-    let sim = sim().await;
-    let base = sim.base_url();
+    let sim = simulator().await;
     for extra in [
         None,
         Some(("PROXY_API_KEYS", " , ,")),
         Some(("AUTH_MODE", "api_key")),
     ] {
-        let mut pairs = vec![
-            ("OPENAI_BASE_URL", base.as_str()),
-            ("OPENAI_API_KEY", SERVER_KEY),
-        ];
-        pairs.extend(extra);
-        let p = proxy(&pairs, None);
+        let p = proxy_to(&sim, extra.as_slice());
         for event in [
-            chat(None),
-            chat(Some("Bearer anything-at-all")),
+            chat_event(None),
+            chat_event(Some("Bearer anything-at-all")),
             v2("GET", "/v1/models", &[], None),
         ] {
             let (resp, _) = invoke(&p, event).await;
-            let msg = assert_error(&resp, 500, "config_error");
-            assert!(msg.contains("PROXY_API_KEYS"), "{msg}");
+            assert_error_naming(&resp, 500, "config_error", "PROXY_API_KEYS");
         }
         let (resp, _) = invoke(&p, v2("GET", "/health", &[], None)).await;
         assert_eq!(status(&resp), 200);
@@ -248,8 +199,7 @@ async fn a_bad_setting_is_a_config_error_that_names_it_and_never_its_value() {
         "statsd-secretish-value",
         "leaky-query-value",
     ]);
-    let sim = sim().await;
-    let base = sim.base_url();
+    let sim = simulator().await;
     let cases: &[(&str, &str)] = &[
         ("RETRY_MAX_ATTEMPTS", "many-attempts-value"),
         ("RETRY_MAX_ATTEMPTS", "0"),
@@ -279,18 +229,10 @@ async fn a_bad_setting_is_a_config_error_that_names_it_and_never_its_value() {
         ("OPENAI_PROJECT", "proj-ünïcode-value"),
     ];
     for (name, value) in cases {
-        let p = proxy(
-            &[
-                ("OPENAI_BASE_URL", &base),
-                ("OPENAI_API_KEY", SERVER_KEY),
-                ("PROXY_API_KEYS", TOKEN_A),
-                (name, value),
-            ],
-            None,
-        );
+        let p = proxy_to(&sim, &[("PROXY_API_KEYS", TOKEN_A), (name, value)]);
         for event in [
-            chat(Some(&bearer(TOKEN_A))),
-            chat(None),
+            chat_event(Some(&bearer(TOKEN_A))),
+            chat_event(None),
             v1(
                 "GET",
                 "/v1/models",
@@ -351,18 +293,12 @@ async fn only_the_spec_headers_go_upstream() {
         "cookie-secret-value",
         "client-x-api-key-value",
     ]);
-    let sim = sim().await;
-    let base = sim.base_url();
-    let p = proxy(
-        &[
-            ("OPENAI_BASE_URL", &base),
-            ("OPENAI_API_KEY", SERVER_KEY),
-            ("PROXY_API_KEYS", TOKEN_A),
-            ("OPENAI_ORGANIZATION", "org-configured-123"),
-            ("OPENAI_PROJECT", "proj_configured_456"),
-        ],
-        None,
-    );
+    let (sim, p) = upstream_and_proxy(&[
+        ("PROXY_API_KEYS", TOKEN_A),
+        ("OPENAI_ORGANIZATION", "org-configured-123"),
+        ("OPENAI_PROJECT", "proj_configured_456"),
+    ])
+    .await;
     let auth = bearer(TOKEN_A);
     let client_headers = [
         ("Authorization", auth.as_str()),
@@ -443,14 +379,7 @@ async fn only_the_spec_headers_go_upstream() {
 
     // Nothing configured, nothing sent: no organization, project or idempotency key upstream.
     sim.clear_requests();
-    let p = proxy(
-        &[
-            ("OPENAI_BASE_URL", &base),
-            ("OPENAI_API_KEY", SERVER_KEY),
-            ("PROXY_API_KEYS", TOKEN_A),
-        ],
-        None,
-    );
+    let p = proxy_to(&sim, &[("PROXY_API_KEYS", TOKEN_A)]);
     let (resp, id) = invoke(&p, v2("GET", "/v1/models", &client_headers[..1], None)).await;
     assert_eq!(status(&resp), 200);
     let (resp, _) = invoke(
@@ -482,17 +411,11 @@ async fn only_the_spec_headers_go_upstream() {
 #[tokio::test]
 async fn allowed_models_take_exact_names_and_prefixes() {
     let _logs = logs::check(&[SERVER_KEY, TOKEN_A]);
-    let sim = sim().await;
-    let base = sim.base_url();
-    let p = proxy(
-        &[
-            ("OPENAI_BASE_URL", &base),
-            ("OPENAI_API_KEY", SERVER_KEY),
-            ("PROXY_API_KEYS", TOKEN_A),
-            ("ALLOWED_MODELS", "gpt-4o*, text-embedding-3-small"),
-        ],
-        None,
-    );
+    let (sim, p) = upstream_and_proxy(&[
+        ("PROXY_API_KEYS", TOKEN_A),
+        ("ALLOWED_MODELS", "gpt-4o*, text-embedding-3-small"),
+    ])
+    .await;
     let auth = [("authorization", bearer(TOKEN_A))];
     let auth: Vec<(&str, &str)> = auth.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let call = |path: &str, model: &str| v2("POST", path, &auth, Some(&chat_body(model)));
@@ -514,8 +437,7 @@ async fn allowed_models_take_exact_names_and_prefixes() {
             allowed += 1;
             assert_eq!(status(&resp), 200, "{model}: {resp}");
         } else {
-            let msg = assert_error(&resp, 403, "model_not_allowed");
-            assert!(msg.contains("ALLOWED_MODELS"), "{msg}");
+            assert_error_naming(&resp, 403, "model_not_allowed", "ALLOWED_MODELS");
         }
     }
     // Moderations without a model are not refused by the allow list.
@@ -531,8 +453,6 @@ async fn allowed_models_take_exact_names_and_prefixes() {
 #[tokio::test]
 async fn bodies_over_max_body_bytes_are_refused_plain_or_base64() {
     let _logs = logs::check(&[SERVER_KEY, TOKEN_A]);
-    let sim = sim().await;
-    let base = sim.base_url();
     let auth = bearer(TOKEN_A);
     let headers = [("authorization", auth.as_str())];
     // A chat body padded with spaces to exactly `len` bytes.
@@ -541,15 +461,8 @@ async fn bodies_over_max_body_bytes_are_refused_plain_or_base64() {
         assert!(b.len() <= len);
         format!("{b}{}", " ".repeat(len - b.len()))
     };
-    let p = proxy(
-        &[
-            ("OPENAI_BASE_URL", &base),
-            ("OPENAI_API_KEY", SERVER_KEY),
-            ("PROXY_API_KEYS", TOKEN_A),
-            ("MAX_BODY_BYTES", "100"),
-        ],
-        None,
-    );
+    let (sim, p) =
+        upstream_and_proxy(&[("PROXY_API_KEYS", TOKEN_A), ("MAX_BODY_BYTES", "100")]).await;
     for (len, ok) in [(100, true), (101, false), (5000, false)] {
         let body = sized(len);
         for event in [
@@ -562,22 +475,14 @@ async fn bodies_over_max_body_bytes_are_refused_plain_or_base64() {
             if ok {
                 assert_eq!(status(&resp), 200, "{len}: {resp}");
             } else {
-                let msg = assert_error(&resp, 413, "payload_too_large");
-                assert!(msg.contains("MAX_BODY_BYTES"), "{msg}");
+                assert_error_naming(&resp, 413, "payload_too_large", "MAX_BODY_BYTES");
             }
         }
     }
     assert_eq!(sim.requests().len(), 4);
 
     // The default is 1 MiB.
-    let p = proxy(
-        &[
-            ("OPENAI_BASE_URL", &base),
-            ("OPENAI_API_KEY", SERVER_KEY),
-            ("PROXY_API_KEYS", TOKEN_A),
-        ],
-        None,
-    );
+    let p = proxy_to(&sim, &[("PROXY_API_KEYS", TOKEN_A)]);
     let (resp, _) = invoke(
         &p,
         v2(

@@ -1,4 +1,5 @@
-//! Gateway events, proxies built from settings pairs, and checks of the §5 answer shape.
+//! The OpenAI simulator, gateway events, proxies built from settings pairs, and checks of the
+//! §5 answer shape.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use openai_lambda_proxy::config::Settings;
 use openai_lambda_proxy::secrets::Secrets;
 use openai_lambda_proxy::telemetry::metrics::NoMetrics;
 use openai_lambda_proxy::{Invocation, Proxy};
+use openai_simulator::Simulator;
 use serde_json::{Map, Value, json};
 
 pub fn now_ms() -> u64 {
@@ -19,8 +21,13 @@ pub fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// A proxy from `KEY=value` pairs (nothing from the process environment), with an optional
-/// Secrets Manager client.
+/// A fresh OpenAI simulator on an ephemeral port of 127.0.0.1.
+pub async fn simulator() -> Simulator {
+    Simulator::start(0).await.expect("start the simulator")
+}
+
+/// A proxy from `KEY=value` pairs (nothing from the process environment; when a key repeats, the
+/// later pair wins), with an optional Secrets Manager client.
 pub fn proxy(pairs: &[(&str, &str)], sm: Option<aws_sdk_secretsmanager::Client>) -> Arc<Proxy> {
     let map: HashMap<String, String> = pairs
         .iter()
@@ -31,6 +38,20 @@ pub fn proxy(pairs: &[(&str, &str)], sm: Option<aws_sdk_secretsmanager::Client>)
         Secrets::new(sm),
         Box::new(NoMetrics),
     ))
+}
+
+/// A proxy whose upstream is `sim`, from `pairs` after `OPENAI_BASE_URL` (so they may override
+/// it), with an optional Secrets Manager client.
+pub fn proxy_for(
+    sim: &Simulator,
+    pairs: &[(&str, &str)],
+    sm: Option<aws_sdk_secretsmanager::Client>,
+) -> Arc<Proxy> {
+    let base = sim.base_url();
+    proxy(
+        &[&[("OPENAI_BASE_URL", base.as_str())][..], pairs].concat(),
+        sm,
+    )
 }
 
 /// A unique Lambda request id with a prefix naming the test.
@@ -120,6 +141,24 @@ pub fn chat_body(model: &str) -> String {
     json!({"model": model, "messages": [{"role": "user", "content": "hello"}]}).to_string()
 }
 
+/// The value of an `Authorization` header carrying `token`.
+pub fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+/// A v2 `POST /v1/chat/completions` event with a JSON content type, this `body` and, if given,
+/// this `authorization` header value.
+pub fn chat_event_with_body(authorization: Option<&str>, body: &str) -> Value {
+    let mut headers = vec![("content-type", "application/json")];
+    headers.extend(authorization.map(|a| ("authorization", a)));
+    v2("POST", "/v1/chat/completions", &headers, Some(body))
+}
+
+/// [`chat_event_with_body`] with a chat request for `gpt-4o-mini`.
+pub fn chat_event(authorization: Option<&str>) -> Value {
+    chat_event_with_body(authorization, &chat_body("gpt-4o-mini"))
+}
+
 pub fn status(resp: &Value) -> u64 {
     resp["statusCode"].as_u64().expect("statusCode")
 }
@@ -197,5 +236,13 @@ pub fn error_of(resp: &Value) -> (u64, String, String) {
 pub fn assert_error(resp: &Value, status: u64, code: &str) -> String {
     let (s, c, m) = error_of(resp);
     assert_eq!((s, c.as_str()), (status, code), "unexpected answer: {m}");
+    m
+}
+
+/// [`assert_error`], and the message must contain `needle` (e.g. the setting to fix); returns
+/// the message.
+pub fn assert_error_naming(resp: &Value, status: u64, code: &str, needle: &str) -> String {
+    let m = assert_error(resp, status, code);
+    assert!(m.contains(needle), "{m}");
     m
 }

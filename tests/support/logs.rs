@@ -136,13 +136,20 @@ impl Capture {
         String::from_utf8_lossy(&self.buf.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
     }
 
-    /// Captured lines, parsed, of one invocation.
+    /// Captured lines, parsed, of one invocation. Panics if any captured line is not JSON.
     pub fn lines_for(&self, lambda_request_id: &str) -> Vec<serde_json::Value> {
         self.text()
             .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("every log line is JSON"))
             .filter(|v| v["lambda_request_id"] == lambda_request_id)
             .collect()
+    }
+
+    /// Captured lines, parsed, of one invocation with this `message`.
+    pub fn lines_with(&self, lambda_request_id: &str, message: &str) -> Vec<serde_json::Value> {
+        let mut lines = self.lines_for(lambda_request_id);
+        lines.retain(|l| l["message"] == message);
+        lines
     }
 
     /// Panics if a registered secret appears in any captured line, or a line is not a JSON
