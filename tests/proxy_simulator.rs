@@ -1,70 +1,43 @@
 //! The real handler in process against the OpenAI simulator on 127.0.0.1, with real time and
 //! short deadlines: the retry and deadline behaviour a caller sees, and the logs it leaves.
 
+mod support;
+
 use std::collections::HashMap;
-use std::io::Write;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 use openai_lambda_proxy::config::Settings;
 use openai_lambda_proxy::retry::epoch_ms;
 use openai_lambda_proxy::secrets::Secrets;
-use openai_lambda_proxy::telemetry::logs::JsonLines;
 use openai_lambda_proxy::telemetry::metrics::NoMetrics;
 use openai_lambda_proxy::{Invocation, Proxy};
 use openai_simulator::{Simulator, parse_script};
 use serde_json::{Value, json};
-use tracing_subscriber::layer::SubscriberExt;
+use support::logs::{self, LogCheck};
 
 const SERVER_KEY: &str = "sk-sim-server-key-0123456789";
 const CLIENT_TOKEN: &str = "client-token-abcdef";
 const PROMPT: &str = "Tell me the secret plan for Tuesday";
 
-/// Every log line written by the handlers of this test binary.
-fn logs() -> &'static Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        let sink = buf.clone();
-        let subscriber = tracing_subscriber::registry()
-            .with(tracing_subscriber::EnvFilter::new("info"))
-            .with(JsonLines::new(move || LogWriter(sink.clone())));
-        tracing::subscriber::set_global_default(subscriber)
-            .expect("one subscriber per test binary");
-        buf
-    })
-}
-
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-impl Write for LogWriter {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// The JSON log lines of one invocation.
-fn lines_of(request_id: &str) -> Vec<Value> {
-    let all = logs().lock().unwrap().clone();
-    String::from_utf8(all)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).expect("every log line is JSON"))
-        .filter(|v| v["lambda_request_id"] == request_id)
-        .collect()
-}
+/// What must never appear in any log line of this binary (checked by [`support::logs`] when a
+/// [`Harness`] is dropped at the end of a passing test, on top of the explicit checks below).
+const NEVER_LOGGED: [&str; 4] = [
+    SERVER_KEY,
+    CLIENT_TOKEN,
+    PROMPT,
+    "Hello from the OpenAI simulator",
+];
 
 struct Harness {
     sim: Simulator,
     proxy: Arc<Proxy>,
+    logs: LogCheck,
 }
 
 /// Fast retries so real-time tests stay short; the deadline comes from GATEWAY_TIMEOUT_MS.
 async fn harness(script: &str, extra: &[(&str, &str)]) -> Harness {
-    logs();
+    let logs = logs::check(&NEVER_LOGGED);
     let sim = Simulator::start(0).await.unwrap();
     sim.set_script(parse_script(script).unwrap());
     let mut env: HashMap<String, String> = [
@@ -90,7 +63,7 @@ async fn harness(script: &str, extra: &[(&str, &str)]) -> Harness {
         Secrets::new(None),
         Box::new(NoMetrics),
     ));
-    Harness { sim, proxy }
+    Harness { sim, proxy, logs }
 }
 
 fn chat_body(extra: Value) -> Value {
@@ -418,10 +391,11 @@ async fn a_rest_event_27_seconds_old_answers_at_once() {
             .unwrap()
             .contains("budget exhausted")
     );
-    let finished = lines_of(&a.request_id)
-        .into_iter()
-        .find(|l| l["message"] == "request finished")
-        .unwrap();
+    let finished = h
+        .logs
+        .capture()
+        .lines_with(&a.request_id, "request finished")
+        .remove(0);
     assert!(
         (1_400..=1_500).contains(&finished["budget_ms"].as_u64().unwrap()),
         "{finished}"
@@ -478,7 +452,7 @@ async fn logs_have_one_line_per_attempt_and_one_summary_without_secrets() {
     let h = harness("500,503,ok", &[]).await;
     let a = chat(&h, json!({})).await;
     assert_eq!(a.status, 200);
-    let lines = lines_of(&a.request_id);
+    let lines = h.logs.capture().lines_for(&a.request_id);
     let attempts: Vec<&Value> = lines
         .iter()
         .filter(|l| l["message"] == "upstream attempt")
@@ -549,20 +523,16 @@ async fn logs_have_one_line_per_attempt_and_one_summary_without_secrets() {
     );
 
     let text: String = lines.iter().map(|l| l.to_string()).collect();
-    for secret in [
-        SERVER_KEY,
-        CLIENT_TOKEN,
-        PROMPT,
-        "Hello from the OpenAI simulator",
-    ] {
+    for secret in NEVER_LOGGED {
         assert!(!text.contains(secret), "logs leak {secret:?}");
     }
     // A second invocation of the same process is warm.
     let b = chat(&h, json!({})).await;
-    let f2 = lines_of(&b.request_id)
-        .into_iter()
-        .find(|l| l["message"] == "request finished")
-        .unwrap();
+    let f2 = h
+        .logs
+        .capture()
+        .lines_with(&b.request_id, "request finished")
+        .remove(0);
     assert_eq!(f2["cold_start"], false);
 }
 
@@ -572,7 +542,7 @@ async fn a_failure_summary_carries_the_code_and_outcome() {
     h.sim.set_default(parse_script("503").unwrap().remove(0));
     let a = chat(&h, json!({})).await;
     assert_eq!(a.status, 502);
-    let lines = lines_of(&a.request_id);
+    let lines = h.logs.capture().lines_for(&a.request_id);
     let last_attempt = lines
         .iter()
         .rfind(|l| l["message"] == "upstream attempt")
