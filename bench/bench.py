@@ -28,6 +28,9 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+from local_stack import stop_process  # noqa: E402
+
 OUT = ROOT / "bench" / "out"
 LOGS = OUT / "logs"
 EVENT = json.loads((ROOT / "events" / "apigw-v2-chat-completion.json").read_text())
@@ -380,13 +383,7 @@ class Simulator:
         return self
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 class DirectClient:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import urllib.request
 
+from local_stack import stop_process  # tools/, put on sys.path by bench.py
+
 
 class CloudWatch:
     def __init__(self, root, logs):
@@ -33,13 +35,7 @@ class CloudWatch:
                    if "PutMetricData" in json.dumps(c) and c.get("status") in (200, None))
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def start_cloudwatch(root, logs):

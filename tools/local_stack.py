@@ -41,6 +41,29 @@ def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = Non
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
 
 
+def stop_process(proc: subprocess.Popen | None, timeout: float = 5, group: bool = False) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout` s. `group=True` signals its
+    whole process group (for a process started with `start_new_session=True`)."""
+    if proc is None or proc.poll() is not None:
+        return
+
+    def send(sig: int) -> None:
+        try:
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+    send(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        send(signal.SIGKILL)
+        proc.wait(timeout)
+
+
 def read_env_file(path: Path) -> dict[str, str]:
     env = {}
     for line in path.read_text().splitlines():
@@ -105,15 +128,7 @@ class LocalStack:
 
     def stop(self) -> None:
         for proc in (self.watch, self.sim):
-            if proc is not None and proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                    proc.wait(timeout=10)
-                except (ProcessLookupError, subprocess.TimeoutExpired):
-                    try:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+            stop_process(proc, timeout=10, group=True)
         self.watch = self.sim = None
 
     def __enter__(self) -> "LocalStack":

@@ -22,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import boto3
+from local_stack import stop_process  # tools/, put on sys.path by conftest.py
 
 
 class QuietServer(ThreadingHTTPServer):
@@ -156,13 +157,7 @@ class Process:
         return out
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
         for t in self.readers:  # every line the process wrote is collected once they hit EOF
             t.join(5)
 
