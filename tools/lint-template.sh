@@ -1,21 +1,12 @@
 #!/usr/bin/env bash
 # Lints template.yaml with cfn-lint and `sam validate --lint` (offline).
-# Creates .venv-sam in the repo root on first use (tools/requirements-sam.txt).
+# Creates .venv-sam in the repo root on first use (tools/venv-sam.sh).
 # Quiet and idempotent: prints one line on success; any error or warning fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-VENV=.venv-sam
-REQ=tools/requirements-sam.txt
-stamp="$VENV/.requirements-sam.sha256"
-want="$(sha256sum "$REQ" | cut -d' ' -f1)"
-if [[ ! -x "$VENV/bin/sam" || ! -x "$VENV/bin/cfn-lint" || "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
-    [[ -x "$VENV/bin/python3" ]] || python3 -m venv "$VENV"
-    printf '*\n' > "$VENV/.gitignore"   # keep the venv out of git
-    "$VENV/bin/pip" install -q --disable-pip-version-check -r "$REQ" >"$VENV/pip.log" 2>&1 \
-        || { cat "$VENV/pip.log" >&2; echo "lint-template: pip install failed" >&2; exit 1; }
-    echo "$want" > "$stamp"
-fi
+source tools/venv-sam.sh
+ensure_venv_sam lint-template sam cfn-lint
 
 export SAM_CLI_TELEMETRY=0 AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-us-east-1}"
 # Offline: no credentials needed, and none from the environment are used.

@@ -19,17 +19,8 @@ case "$ARCH" in
 esac
 FUNCTION_ID=ProxyFunction
 
-VENV=.venv-sam
-REQ=tools/requirements-sam.txt
-stamp="$VENV/.requirements-sam.sha256"
-want="$(sha256sum "$REQ" | cut -d' ' -f1)"
-if [[ ! -x "$VENV/bin/sam" || ! -x "$VENV/bin/cargo-lambda" || "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
-    [[ -x "$VENV/bin/python3" ]] || python3 -m venv "$VENV"
-    printf '*\n' > "$VENV/.gitignore"   # keep the venv out of git
-    "$VENV/bin/pip" install -q --disable-pip-version-check -r "$REQ" >"$VENV/pip.log" 2>&1 \
-        || { cat "$VENV/pip.log" >&2; echo "sam-build: pip install failed" >&2; exit 1; }
-    echo "$want" > "$stamp"
-fi
+source tools/venv-sam.sh
+ensure_venv_sam sam-build sam cargo-lambda
 
 # The venv's bin first: `cargo lambda` is found as cargo-lambda on PATH, and it
 # finds zig through the venv's `python3 -m ziglang`.
