@@ -3,17 +3,13 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use openai_lambda_proxy::config::Settings;
-use openai_lambda_proxy::retry::epoch_ms;
-use openai_lambda_proxy::secrets::Secrets;
-use openai_lambda_proxy::telemetry::metrics::NoMetrics;
-use openai_lambda_proxy::{Invocation, Proxy};
+use openai_lambda_proxy::Proxy;
 use openai_simulator::{Simulator, parse_script};
 use serde_json::{Value, json};
+use support::events::{bearer, invoke_within, now_ms, proxy_for, request_id, simulator, v1, v2};
 use support::logs::{self, LogCheck};
 
 const SERVER_KEY: &str = "sk-sim-server-key-0123456789";
@@ -38,31 +34,20 @@ struct Harness {
 /// Fast retries so real-time tests stay short; the deadline comes from GATEWAY_TIMEOUT_MS.
 async fn harness(script: &str, extra: &[(&str, &str)]) -> Harness {
     let logs = logs::check(&NEVER_LOGGED);
-    let sim = Simulator::start(0).await.unwrap();
+    let sim = simulator().await;
     sim.set_script(parse_script(script).unwrap());
-    let mut env: HashMap<String, String> = [
-        ("OPENAI_BASE_URL", sim.base_url()),
-        ("OPENAI_API_KEY", SERVER_KEY.into()),
-        ("PROXY_API_KEYS", CLIENT_TOKEN.into()),
-        ("RETRY_BASE_DELAY_MS", "100".into()),
-        ("RETRY_MAX_DELAY_MS", "400".into()),
-        ("MIN_ATTEMPT_MS", "200".into()),
-        ("DEADLINE_MARGIN_MS", "200".into()),
-        ("GATEWAY_TIMEOUT_MS", "3000".into()),
-        ("METRICS_BACKEND", "none".into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    for (k, v) in extra {
-        env.insert(k.to_string(), v.to_string());
-    }
-    let settings = Settings::from_lookup(|k| env.get(k).cloned());
-    let proxy = Arc::new(Proxy::new(
-        settings,
-        Secrets::new(None),
-        Box::new(NoMetrics),
-    ));
+    let defaults = [
+        ("OPENAI_API_KEY", SERVER_KEY),
+        ("PROXY_API_KEYS", CLIENT_TOKEN),
+        ("RETRY_BASE_DELAY_MS", "100"),
+        ("RETRY_MAX_DELAY_MS", "400"),
+        ("MIN_ATTEMPT_MS", "200"),
+        ("DEADLINE_MARGIN_MS", "200"),
+        ("GATEWAY_TIMEOUT_MS", "3000"),
+        ("METRICS_BACKEND", "none"),
+    ];
+    // `extra` comes last, so it overrides the defaults (and may override OPENAI_BASE_URL).
+    let proxy = proxy_for(&sim, &[&defaults[..], extra].concat(), None);
     Harness { sim, proxy, logs }
 }
 
@@ -75,17 +60,22 @@ fn chat_body(extra: Value) -> Value {
     body
 }
 
-/// An HTTP API v2 event that the gateway received `age_ms` ago.
-fn v2_event(method: &str, path: &str, body: Option<&Value>, age_ms: u64) -> Value {
-    json!({
-        "version": "2.0", "routeKey": "$default", "rawPath": path, "rawQueryString": "",
-        "headers": {"authorization": format!("Bearer {CLIENT_TOKEN}"), "content-type": "application/json",
-                    "cookie": "session=abc", "x-forwarded-for": "203.0.113.9", "idempotency-key": "idem-42"},
-        "requestContext": {"accountId": "123456789012", "apiId": "api", "domainName": "api.execute-api.us-east-1.amazonaws.com",
-            "http": {"method": method, "path": path, "protocol": "HTTP/1.1", "sourceIp": "203.0.113.9", "userAgent": "test"},
-            "requestId": "gw-req", "stage": "$default", "timeEpoch": epoch_ms() - age_ms},
-        "body": body.map(|b| b.to_string()), "isBase64Encoded": false
-    })
+/// An HTTP API v2 `POST /v1/chat/completions` event with [`chat_body`]`(extra)` and the client
+/// token, a cookie, `x-forwarded-for` and an idempotency key, that the gateway received `age_ms`
+/// ago.
+fn chat_event(extra: Value, age_ms: u64) -> Value {
+    let auth = bearer(CLIENT_TOKEN);
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+        ("cookie", "session=abc"),
+        ("x-forwarded-for", "203.0.113.9"),
+        ("idempotency-key", "idem-42"),
+    ];
+    let body = chat_body(extra).to_string();
+    let mut event = v2("POST", "/v1/chat/completions", &headers, Some(&body));
+    event["requestContext"]["timeEpoch"] = json!(now_ms() - age_ms);
+    event
 }
 
 struct Answer {
@@ -105,26 +95,14 @@ impl Answer {
     }
 }
 
-static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
 /// Invokes the handler with a real Lambda deadline `lambda_ms` from now.
 async fn invoke(h: &Harness, event: Value, lambda_ms: u64) -> Answer {
-    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let request_id = format!("lambda-req-{n}-{}", epoch_ms());
+    let request_id = request_id("lambda-req");
     let started = Instant::now();
-    let out = h
-        .proxy
-        .handle_event(
-            event,
-            Invocation {
-                request_id: request_id.clone(),
-                deadline_ms: epoch_ms() + lambda_ms,
-            },
-        )
-        .await;
+    let out = invoke_within(&h.proxy, event, &request_id, lambda_ms).await;
     let elapsed_ms = started.elapsed().as_millis() as u64;
     Answer {
-        status: out["statusCode"].as_u64().unwrap() as u16,
+        status: support::events::status(&out) as u16,
         headers: out["headers"].as_object().cloned().unwrap_or_default(),
         body: out["body"].as_str().unwrap_or_default().to_owned(),
         elapsed_ms,
@@ -133,12 +111,7 @@ async fn invoke(h: &Harness, event: Value, lambda_ms: u64) -> Answer {
 }
 
 async fn chat(h: &Harness, extra: Value) -> Answer {
-    invoke(
-        h,
-        v2_event("POST", "/v1/chat/completions", Some(&chat_body(extra)), 0),
-        60_000,
-    )
-    .await
+    invoke(h, chat_event(extra, 0), 60_000).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -220,12 +193,7 @@ async fn a_hang_ends_in_504_before_the_deadline() {
 async fn the_lambda_deadline_bounds_the_run_too() {
     // No gateway limit (function URL), a real Lambda deadline 1.5 s away.
     let h = harness("hang", &[("GATEWAY_TIMEOUT_MS", "")]).await;
-    let mut event = v2_event(
-        "POST",
-        "/v1/chat/completions",
-        Some(&chat_body(json!({}))),
-        0,
-    );
+    let mut event = chat_event(json!({}), 0);
     event["requestContext"]["domainName"] = json!("abc.lambda-url.us-east-1.on.aws");
     let a = invoke(&h, event, 1_500).await;
     assert_eq!(a.status, 504);
@@ -308,9 +276,7 @@ async fn dropped_connections_and_cut_bodies_are_retried() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unreachable_upstream_is_a_502_naming_connect_errors() {
     // A port nobody listens on.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/v1", closed.local_addr().unwrap());
-    drop(closed);
+    let url = format!("http://127.0.0.1:{}/v1", support::moto::free_port());
     let h = harness("ok", &[("OPENAI_BASE_URL", &url)]).await;
     let a = chat(&h, json!({})).await;
     assert_eq!(a.status, 502);
@@ -373,14 +339,13 @@ async fn a_rest_event_27_seconds_old_answers_at_once() {
     .await;
     h.sim.set_default(parse_script("503").unwrap().remove(0));
     let body = chat_body(json!({})).to_string();
-    let event = json!({
-        "resource": "/{proxy+}", "path": "/v1/chat/completions", "httpMethod": "POST",
-        "headers": {"Authorization": format!("Bearer {CLIENT_TOKEN}"), "Content-Type": "application/json"},
-        "multiValueHeaders": {"Authorization": [format!("Bearer {CLIENT_TOKEN}")], "Content-Type": ["application/json"]},
-        "requestContext": {"stage": "prod", "path": "/prod/v1/chat/completions", "requestTimeEpoch": epoch_ms() - 27_000,
-                           "requestId": "rest-req", "httpMethod": "POST", "resourcePath": "/{proxy+}"},
-        "body": body, "isBase64Encoded": false
-    });
+    let auth = bearer(CLIENT_TOKEN);
+    let headers = [
+        ("Authorization", auth.as_str()),
+        ("Content-Type", "application/json"),
+    ];
+    let mut event = v1("POST", "/v1/chat/completions", &headers, Some(&body));
+    event["requestContext"]["requestTimeEpoch"] = json!(now_ms() - 27_000);
     let a = invoke(&h, event, 60_000).await;
     assert_eq!(a.status, 502, "{}", a.body);
     assert!(a.elapsed_ms < 300, "answered after {} ms", a.elapsed_ms);
@@ -402,13 +367,7 @@ async fn a_rest_event_27_seconds_old_answers_at_once() {
     );
     // And when there is not even time for one attempt, the upstream is not called.
     let h2 = harness("ok", &[("GATEWAY_TIMEOUT_MS", "")]).await;
-    let mut late = v2_event(
-        "POST",
-        "/v1/chat/completions",
-        Some(&chat_body(json!({}))),
-        29_900,
-    );
-    late["requestContext"]["timeEpoch"] = json!(epoch_ms() - 29_900);
+    let late = chat_event(json!({}), 29_900);
     let a = invoke(&h2, late, 60_000).await;
     assert_eq!(a.status, 504);
     assert_eq!(a.json()["error"]["upstream"]["attempts"], 0);
@@ -429,10 +388,7 @@ async fn only_the_allowed_headers_go_upstream() {
     assert_eq!(a.status, 200);
     let r = &h.sim.requests()[0];
     assert_eq!(r.path, "/v1/chat/completions");
-    assert_eq!(
-        r.header("authorization"),
-        Some(format!("Bearer {SERVER_KEY}").as_str())
-    );
+    assert_eq!(r.header("authorization"), Some(bearer(SERVER_KEY).as_str()));
     assert_eq!(r.header("x-client-request-id"), Some(a.request_id.as_str()));
     assert_eq!(r.header("openai-organization"), Some("org-123"));
     assert_eq!(r.header("openai-project"), Some("proj_9"));
