@@ -6,11 +6,11 @@ tools/cw_cbor_front.py; boto3 reads moto back.
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from pathlib import Path
 
 import pytest
+from local_stack import free_port  # tools/, put on sys.path by conftest.py
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from metrics_support import (  # noqa: E402
@@ -156,17 +156,11 @@ def test_slow_cloudwatch_does_not_delay_the_response(function, sim, front):
     assert metrics_warnings(fn) == []
 
 
-def dead_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("failure", ["refused", "500", "timeout"])
 def test_failing_cloudwatch_changes_nothing_and_is_logged_once(function, sim, front, failure):
     ns = unique_namespace(f"fail-{failure}")
     if failure == "refused":
-        fn = function(ns, endpoint_url=f"http://127.0.0.1:{dead_port()}")
+        fn = function(ns, endpoint_url=f"http://127.0.0.1:{free_port()}")  # nothing listens
     else:
         fn = function(ns)
         front.configure(**({"fail": "500"} if failure == "500" else {"delay_ms": PUT_TIMEOUT_MS + 2000}))
