@@ -16,8 +16,8 @@ use openai_simulator::Simulator;
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
 use support::events::{
-    assert_error, assert_response_object, body, chat_body, function_url, invoke, proxy, status, v1,
-    v2,
+    assert_error, assert_response_object, base64_body, bearer, body, chat_body,
+    chat_event_with_body, function_url, invoke, proxy_for, simulator, status, v1, v2,
 };
 use support::logs;
 
@@ -40,7 +40,7 @@ fn world() -> &'static World {
             .enable_all()
             .build()
             .unwrap();
-        let sim = rt.block_on(Simulator::start(0)).unwrap();
+        let sim = rt.block_on(simulator());
         let proxy = make_proxy(&sim, &[]);
         World {
             rt,
@@ -51,9 +51,7 @@ fn world() -> &'static World {
 }
 
 fn make_proxy(sim: &Simulator, extra: &[(&str, &str)]) -> Arc<Proxy> {
-    let base = sim.base_url();
-    let mut pairs = vec![
-        ("OPENAI_BASE_URL", base.as_str()),
+    let defaults = [
         ("OPENAI_API_KEY", SERVER_KEY),
         ("PROXY_API_KEYS", TOKEN),
         // Short backoff: if the proxy ever retried a request it broke itself, the case stays fast
@@ -62,8 +60,7 @@ fn make_proxy(sim: &Simulator, extra: &[(&str, &str)]) -> Arc<Proxy> {
         ("RETRY_MAX_DELAY_MS", "20"),
         ("METRICS_BACKEND", "none"),
     ];
-    pairs.extend_from_slice(extra);
-    proxy(&pairs, None)
+    proxy_for(sim, &[&defaults[..], extra].concat(), None)
 }
 
 /// Runs one event on the shared runtime, bounded by [`CASE_TIMEOUT`].
@@ -79,7 +76,7 @@ fn run_with(proxy: &Arc<Proxy>, event: Value) -> Value {
 
 /// A simulator and proxy of its own, for a test that counts upstream requests.
 fn own_upstream(extra: &[(&str, &str)]) -> (Simulator, Arc<Proxy>) {
-    let sim = world().rt.block_on(Simulator::start(0)).unwrap();
+    let sim = world().rt.block_on(simulator());
     let proxy = make_proxy(&sim, extra);
     (sim, proxy)
 }
@@ -115,7 +112,7 @@ fn check(resp: &Value) -> Result<(), TestCaseError> {
 }
 
 fn auth() -> String {
-    format!("Bearer {TOKEN}")
+    bearer(TOKEN)
 }
 
 const PATHS: [&str; 10] = [
@@ -311,21 +308,8 @@ fn edit(event: &mut Value, path: &str, value: Option<Value>) {
 }
 
 fn chat_event(body: &str, b64: bool) -> Value {
-    let token = auth();
-    let e = v2(
-        "POST",
-        "/v1/chat/completions",
-        &[
-            ("authorization", &token),
-            ("content-type", "application/json"),
-        ],
-        Some(body),
-    );
-    if b64 {
-        support::events::base64_body(e)
-    } else {
-        e
-    }
+    let e = chat_event_with_body(Some(&auth()), body);
+    if b64 { base64_body(e) } else { e }
 }
 
 /// ~5 MB of valid chat JSON.

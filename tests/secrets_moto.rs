@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use openai_simulator::{Simulator, parse_script};
 use serde_json::Value;
 use support::events::{
-    assert_error, chat_body, header, invoke, invoke_within, proxy, request_id, status, v2,
+    assert_error, assert_error_naming, bearer, chat_event, header, invoke, invoke_within,
+    proxy_for, request_id, simulator, status, v2,
 };
 use support::logs;
 use support::moto::{
@@ -21,20 +22,8 @@ async fn moto() -> Moto {
     tokio::task::spawn_blocking(Moto::start).await.unwrap()
 }
 
-async fn sim() -> Simulator {
-    Simulator::start(0).await.expect("start the simulator")
-}
-
 fn chat(token: &str) -> Value {
-    v2(
-        "POST",
-        "/v1/chat/completions",
-        &[
-            ("authorization", &format!("Bearer {token}")),
-            ("content-type", "application/json"),
-        ],
-        Some(&chat_body("gpt-4o-mini")),
-    )
+    chat_event(Some(&bearer(token)))
 }
 
 fn bearer_seen(sim: &Simulator) -> Vec<String> {
@@ -57,8 +46,7 @@ async fn raw_and_json_secrets_for_the_key_and_the_tokens() {
     let _logs = logs::check(&secrets);
     let moto = moto().await;
     let sm = secrets_client(&moto.endpoint()).await;
-    let sim = sim().await;
-    let base = sim.base_url();
+    let sim = simulator().await;
 
     let raw_key = create_secret(&sm, "raw-key", "sk-moto-raw-key-0000000001\n").await;
     let raw_tokens = create_secret(
@@ -89,9 +77,9 @@ async fn raw_and_json_secrets_for_the_key_and_the_tokens() {
         (&json_key, &array_tokens, secrets[3], secrets[5]),
     ] {
         sim.clear_requests();
-        let p = proxy(
+        let p = proxy_for(
+            &sim,
             &[
-                ("OPENAI_BASE_URL", &base),
                 ("OPENAI_API_KEY_SECRET_ARN", key_arn),
                 ("PROXY_API_KEYS_SECRET_ARN", tokens_arn),
                 // Secrets Manager wins over the environment when both are set.
@@ -103,7 +91,7 @@ async fn raw_and_json_secrets_for_the_key_and_the_tokens() {
         assert_eq!(status(&resp), 200, "{resp}");
         let (resp, _) = invoke(&p, chat("tok-not-in-the-secret-0001")).await;
         assert_error(&resp, 401, "unauthorized");
-        assert_eq!(bearer_seen(&sim), [format!("Bearer {key}")]);
+        assert_eq!(bearer_seen(&sim), [bearer(key)]);
     }
 }
 
@@ -118,13 +106,12 @@ async fn secrets_are_fetched_once_and_cached_across_invocations() {
     let moto = moto().await;
     let sm = secrets_client(&moto.endpoint()).await;
     let counting = CountingPassThrough::start(moto.addr()).await;
-    let sim = sim().await;
-    let base = sim.base_url();
+    let sim = simulator().await;
     let key_arn = create_secret(&sm, "cached-key", old_key).await;
     let tokens_arn = create_secret(&sm, "cached-tokens", token).await;
-    let p = proxy(
+    let p = proxy_for(
+        &sim,
         &[
-            ("OPENAI_BASE_URL", &base),
             ("OPENAI_API_KEY_SECRET_ARN", &key_arn),
             ("PROXY_API_KEYS_SECRET_ARN", &tokens_arn),
         ],
@@ -143,11 +130,7 @@ async fn secrets_are_fetched_once_and_cached_across_invocations() {
         assert_eq!(status(&invoke(&p, chat(token)).await.0), 200);
     }
     assert_eq!(counting.get_secret_value_calls(), 2);
-    assert!(
-        bearer_seen(&sim)
-            .iter()
-            .all(|b| *b == format!("Bearer {old_key}"))
-    );
+    assert!(bearer_seen(&sim).iter().all(|b| *b == bearer(old_key)));
 
     // Even with Secrets Manager gone, the cached values keep serving.
     drop(moto);
@@ -163,12 +146,11 @@ async fn an_upstream_401_refetches_the_key_once_and_retries_with_the_rotated_one
     let moto = moto().await;
     let sm = secrets_client(&moto.endpoint()).await;
     let counting = CountingPassThrough::start(moto.addr()).await;
-    let sim = sim().await;
-    let base = sim.base_url();
+    let sim = simulator().await;
     let key_arn = create_secret(&sm, "rotating-key", old_key).await;
-    let p = proxy(
+    let p = proxy_for(
+        &sim,
         &[
-            ("OPENAI_BASE_URL", &base),
             ("OPENAI_API_KEY_SECRET_ARN", &key_arn),
             ("PROXY_API_KEYS", token),
         ],
@@ -191,8 +173,8 @@ async fn an_upstream_401_refetches_the_key_once_and_retries_with_the_rotated_one
         "the refetch after a 401 is logged"
     );
     assert_eq!(counting.get_secret_value_calls(), 2);
-    let old = format!("Bearer {old_key}");
-    let new = format!("Bearer {new_key}");
+    let old = bearer(old_key);
+    let new = bearer(new_key);
     assert_eq!(bearer_seen(&sim), [old.clone(), old.clone(), new.clone()]);
 
     // The new key is cached from then on.
@@ -222,8 +204,7 @@ async fn missing_or_unusable_secrets_are_config_errors_naming_the_setting() {
     let _logs = logs::check(&values);
     let moto = moto().await;
     let sm = secrets_client(&moto.endpoint()).await;
-    let sim = sim().await;
-    let base = sim.base_url();
+    let sim = simulator().await;
     let good_key = create_secret(&sm, "good-key", values[0]).await;
     let good_tokens = create_secret(&sm, "good-tokens", values[1]).await;
     let no_field = create_secret(
@@ -255,9 +236,9 @@ async fn missing_or_unusable_secrets_are_config_errors_naming_the_setting() {
             "PROXY_API_KEYS_SECRET_ARN",
         ),
     ] {
-        let p = proxy(
+        let p = proxy_for(
+            &sim,
             &[
-                ("OPENAI_BASE_URL", &base),
                 ("OPENAI_API_KEY_SECRET_ARN", key),
                 ("PROXY_API_KEYS_SECRET_ARN", tokens),
             ],
@@ -280,9 +261,9 @@ async fn missing_or_unusable_secrets_are_config_errors_naming_the_setting() {
     assert!(sim.requests().is_empty());
 
     // A failure is not cached: once the secret exists, the same warm function works.
-    let p = proxy(
+    let p = proxy_for(
+        &sim,
         &[
-            ("OPENAI_BASE_URL", &base),
             ("OPENAI_API_KEY_SECRET_ARN", "created-later"),
             ("PROXY_API_KEYS_SECRET_ARN", &good_tokens),
         ],
@@ -296,15 +277,14 @@ async fn missing_or_unusable_secrets_are_config_errors_naming_the_setting() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_manager_down_or_hanging_is_a_quick_config_error_within_the_deadline() {
     let _logs = logs::check(&["tok-moto-down-000000000001"]);
-    let sim = sim().await;
-    let base = sim.base_url();
+    let sim = simulator().await;
     let refused = format!("http://127.0.0.1:{}", free_port());
     let hanging = format!("http://{}", black_hole().await);
     for endpoint in [refused, hanging] {
         let arn = "arn:aws:secretsmanager:us-east-1:123456789012:secret:tokens-AbCdEf";
-        let p = proxy(
+        let p = proxy_for(
+            &sim,
             &[
-                ("OPENAI_BASE_URL", &base),
                 ("OPENAI_API_KEY", "sk-env-key-down-0000000001"),
                 ("PROXY_API_KEYS_SECRET_ARN", arn),
             ],
@@ -324,8 +304,7 @@ async fn secrets_manager_down_or_hanging_is_a_quick_config_error_within_the_dead
         .await
         .expect("the handler hung on a Secrets Manager outage");
         let elapsed = started.elapsed();
-        let msg = assert_error(&resp, 500, "config_error");
-        assert!(msg.contains("PROXY_API_KEYS_SECRET_ARN"), "{msg}");
+        assert_error_naming(&resp, 500, "config_error", "PROXY_API_KEYS_SECRET_ARN");
         assert!(
             elapsed < Duration::from_millis(budget_ms),
             "answered after {elapsed:?}, past the {budget_ms} ms Lambda deadline"
