@@ -416,8 +416,8 @@ async fn allowed_models_take_exact_names_and_prefixes() {
         ("ALLOWED_MODELS", "gpt-4o*, text-embedding-3-small"),
     ])
     .await;
-    let auth = [("authorization", bearer(TOKEN_A))];
-    let auth: Vec<(&str, &str)> = auth.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let token = bearer(TOKEN_A);
+    let auth = [("authorization", token.as_str())];
     let call = |path: &str, model: &str| v2("POST", path, &auth, Some(&chat_body(model)));
     let mut allowed = 0;
     for (path, model, ok) in [

@@ -228,9 +228,8 @@ proptest! {
         multi in any::<bool>(),
     ) {
         let _logs = logs::check(&[SERVER_KEY, TOKEN]);
-        let mut h: Vec<(&str, &str)> = vec![("authorization", "")];
         let token = auth();
-        h[0].1 = &token;
+        let mut h = vec![("authorization", token.as_str())];
         h.extend(headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let mut event = body_event(shape * 2 + 1, "POST", "/v1/chat/completions", &h, chat_body("gpt-4o-mini").as_bytes());
         if multi && shape == 1 {
@@ -268,8 +267,8 @@ proptest! {
         ),
     ) {
         let _logs = logs::check(&[SERVER_KEY, TOKEN]);
-        let headers = [("authorization", auth())];
-        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let token = auth();
+        let headers = [("authorization", token.as_str())];
         let body = chat_body("gpt-4o-mini");
         let mut event = match shape {
             0 => v2("POST", "/v1/chat/completions", &headers, Some(&body)),
