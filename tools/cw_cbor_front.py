@@ -33,22 +33,13 @@ import struct
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import boto3
 import botocore.exceptions
 import cbor2
 from botocore import xform_name
-
-
-class QuietServer(ThreadingHTTPServer):
-    """Clients that vanish (a killed function, an SDK timing out) are not errors here."""
-
-    daemon_threads = True
-
-    def handle_error(self, request, client_address):
-        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-            super().handle_error(request, client_address)
+from local_stack import QuietServer  # tools/local_stack.py, beside this script
 
 
 OPERATION_PREFIX = "/service/GraniteServiceVersion20100801/operation/"

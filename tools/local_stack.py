@@ -1,6 +1,9 @@
 """The function running locally the way users run it: the OpenAI simulator plus the release
 binary under `cargo lambda watch`. Shared by `make demo` (tools/demo.py) and the end-to-end
 tests (tests/e2e/). Everything started here is stopped by `stop()`.
+
+Also the small helpers the other local tools share (free_port, stop_process, QuietServer): the
+metrics tests, tools/cw_cbor_front.py and bench/ import them from here.
 """
 
 from __future__ import annotations
@@ -11,9 +14,11 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,6 +67,16 @@ def stop_process(proc: subprocess.Popen | None, timeout: float = 5, group: bool 
     except subprocess.TimeoutExpired:
         send(signal.SIGKILL)
         proc.wait(timeout)
+
+
+class QuietServer(ThreadingHTTPServer):
+    """Clients that vanish (a killed function, an SDK timing out) are not errors here."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
 
 
 def read_env_file(path: Path) -> dict[str, str]:

@@ -12,27 +12,16 @@ import json
 import os
 import re
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
 import uuid
 from collections import deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import boto3
-from local_stack import stop_process  # tools/, put on sys.path by conftest.py
-
-
-class QuietServer(ThreadingHTTPServer):
-    """Clients that vanish (a killed function, an SDK timing out) are not errors here."""
-
-    daemon_threads = True
-
-    def handle_error(self, request, client_address):
-        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-            super().handle_error(request, client_address)
+from local_stack import QuietServer, stop_process  # tools/, put on sys.path by conftest.py
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -334,7 +323,6 @@ class LambdaEmulator:
                 self._reply(404, {"errorMessage": f"no route POST {self.path}"})
 
         self.server = QuietServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
         self.address = f"127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
