@@ -2,8 +2,8 @@
 binary under `cargo lambda watch`. Shared by `make demo` (tools/demo.py) and the end-to-end
 tests (tests/e2e/). Everything started here is stopped by `stop()`.
 
-Also the small helpers the other local tools share (free_port, stop_process, QuietServer): the
-metrics tests, tools/cw_cbor_front.py and bench/ import them from here.
+Also the small helpers the other local tools share (free_port, stop_process, QuietServer,
+http_json): the metrics tests, tools/cw_cbor_front.py and bench/ import them from here.
 """
 
 from __future__ import annotations
@@ -77,6 +77,16 @@ class QuietServer(ThreadingHTTPServer):
     def handle_error(self, request, client_address):
         if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
             super().handle_error(request, client_address)
+
+
+def http_json(method: str, url: str, body=None, timeout: float = 10):
+    """A control-API call (simulator, CloudWatch front): `body` is bytes as is, else sent as
+    JSON; a JSON answer is decoded, anything else returned as bytes."""
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    req = urllib.request.Request(url, data=data, method=method)
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        raw = resp.read()
+        return json.loads(raw) if raw.strip().startswith((b"{", b"[")) else raw
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -154,12 +164,8 @@ class LocalStack:
 
     # -- the simulator's control API ------------------------------------------------------
     def _sim(self, method: str, path: str, body: str | None = None):
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{self.sim_port}{path}", method=method,
-            data=body.encode() if body is not None else None)
-        with urllib.request.urlopen(req, timeout=10) as r:
-            data = r.read()
-            return json.loads(data) if data else None
+        return http_json(method, f"http://127.0.0.1:{self.sim_port}{path}",
+                         body.encode() if body is not None else None)
 
     def script(self, text: str, default: str = "ok") -> None:
         """Queue simulator steps (e.g. `500,500,ok`); `default` applies once the queue is empty."""

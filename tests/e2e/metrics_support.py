@@ -14,14 +14,13 @@ import re
 import subprocess
 import threading
 import time
-import urllib.request
 import uuid
 from collections import deque
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import boto3
-from local_stack import QuietServer, stop_process  # tools/, put on sys.path by conftest.py
+from local_stack import QuietServer, http_json, stop_process  # tools/, put on sys.path by conftest.py
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,14 +65,6 @@ def python() -> Path:
     if not py.exists():
         raise RuntimeError(f"{py} is missing: run `make venv`")
     return py
-
-
-def http_json(method: str, url: str, body=None, timeout: float = 10):
-    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-    req = urllib.request.Request(url, data=data, method=method)
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        raw = resp.read()
-        return json.loads(raw) if raw.strip().startswith((b"{", b"[")) else raw
 
 
 class Process:
