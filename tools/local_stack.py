@@ -89,6 +89,11 @@ def http_json(method: str, url: str, body=None, timeout: float = 10):
         return json.loads(raw) if raw.strip().startswith((b"{", b"[")) else raw
 
 
+def cargo_lambda() -> str:
+    """cargo-lambda from PATH, else from the project's .venv (`make venv`)."""
+    return shutil.which("cargo-lambda") or str(REPO / ".venv" / "bin" / "cargo-lambda")
+
+
 def read_env_file(path: Path) -> dict[str, str]:
     env = {}
     for line in path.read_text().splitlines():
@@ -138,9 +143,8 @@ class LocalStack:
         env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
 
         self.watch_port = free_port()
-        cargo_lambda = shutil.which("cargo-lambda") or str(REPO / ".venv" / "bin" / "cargo-lambda")
         self.watch = subprocess.Popen(
-            [cargo_lambda, "lambda", "watch", "--release", "--ignore-changes", "--quiet",
+            [cargo_lambda(), "lambda", "watch", "--release", "--ignore-changes", "--quiet",
              "--invoke-address", "127.0.0.1", "--invoke-port", str(self.watch_port),
              "--env-file", str(env_file)],
             cwd=REPO,
@@ -188,9 +192,8 @@ class LocalStack:
             path = Path(event)
             if not path.is_absolute():
                 path = REPO / path
-        cargo_lambda = shutil.which("cargo-lambda") or str(REPO / ".venv" / "bin" / "cargo-lambda")
         out = subprocess.run(
-            [cargo_lambda, "lambda", "invoke", FUNCTION, "--data-file", str(path),
+            [cargo_lambda(), "lambda", "invoke", FUNCTION, "--data-file", str(path),
              "--invoke-address", "127.0.0.1", "--invoke-port", str(self.watch_port), "--color", "never"],
             cwd=REPO, capture_output=True, text=True, timeout=timeout)
         if out.returncode != 0:
