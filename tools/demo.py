@@ -12,7 +12,7 @@ import textwrap
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from local_stack import REPO, LocalStack  # noqa: E402
+from local_stack import FUNCTION, REPO, LocalStack  # noqa: E402
 
 REAL = bool(os.environ.get("OPENAI_API_KEY"))
 
@@ -67,7 +67,7 @@ def main() -> int:
                 continue
             stack.script(script, default)
             print(f"--- {title}")
-            print(f"    cargo lambda invoke {stack_fn()} --data-file events/{event}"
+            print(f"    cargo lambda invoke {FUNCTION} --data-file events/{event}"
                   + ("" if REAL else f"    (simulator script: {script})"))
             resp = stack.invoke(REPO / "events" / event)
             headers = resp.get("headers") or {}
@@ -84,10 +84,6 @@ def main() -> int:
             print()
     print("== demo finished; simulator and cargo lambda watch stopped")
     return 0
-
-
-def stack_fn() -> str:
-    return "openai-lambda-proxy"
 
 
 if __name__ == "__main__":
