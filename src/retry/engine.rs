@@ -1,14 +1,19 @@
-//! The retry loop, bounded by the deadline (spec §3, §4).
+//! The retry loop, bounded by the deadline (spec §3, §4), over the upstreams of §11.
 //!
 //! Invariants (checked by the property test below): the loop never starts an attempt with less
 //! than `MIN_ATTEMPT_MS` left, never starts a sleep after which less than that would remain,
 //! never lets an attempt's timeout pass the deadline, and never makes more than
-//! `RETRY_MAX_ATTEMPTS` attempts. So it always finishes by the deadline.
+//! `RETRY_MAX_ATTEMPTS` attempts, on all upstreams together. So it always finishes by the
+//! deadline. Which upstream and model each attempt goes to is [`Rotation`]'s pure decision;
+//! the breakers and latency estimates are reached through [`Routing`].
 
 use std::future::Future;
 
 use super::policy::{self, Jitter, RetryPolicy, Verdict};
 use super::{AttemptOutcome, FailureKind, UpstreamReply};
+use crate::upstreams::breaker::{Admission, Report};
+use crate::upstreams::fallback::{Move, Rotation, Target, hopeless};
+use crate::upstreams::routing::{OneUpstream, Routing};
 
 /// Milliseconds since the Unix epoch, injected.
 pub trait Clock {
@@ -30,11 +35,13 @@ pub struct Engine {
     pub attempt_timeout_ms: Option<u64>,
 }
 
-/// What the attempt closure is told: which attempt, and how long it may take at most.
+/// What the attempt closure is told: which attempt, how long it may take at most, and where it
+/// goes (indexes into the upstream list and the model chain).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttemptPlan {
     pub number: u32,
     pub timeout_ms: u64,
+    pub target: Target,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,6 +72,10 @@ pub enum GiveUpReason {
     RetryAfterPastDeadline,
     /// The attempt was cut at the deadline while still waiting on the upstream.
     DeadlineReached,
+    /// The next attempt's expected latency (§11) exceeds the time it would have.
+    ExpectedLatencyExceedsBudget,
+    /// Every upstream's circuit breaker is open (§11).
+    CircuitOpen,
 }
 
 impl GiveUpReason {
@@ -74,14 +85,18 @@ impl GiveUpReason {
             GiveUpReason::BudgetExhausted => "budget exhausted",
             GiveUpReason::RetryAfterPastDeadline => "retry-after past deadline",
             GiveUpReason::DeadlineReached => "deadline reached",
+            GiveUpReason::ExpectedLatencyExceedsBudget => "expected_latency_exceeds_budget",
+            GiveUpReason::CircuitOpen => "circuit open",
         }
     }
 }
 
-/// One attempt, as logged (`upstream attempt`, spec §6).
+/// One attempt, as logged (`upstream attempt`, spec §6, §11).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AttemptRecord {
     pub attempt: u32,
+    /// Where the attempt went.
+    pub target: Target,
     pub status: Option<u16>,
     pub error_kind: Option<FailureKind>,
     pub latency_ms: u64,
@@ -91,6 +106,8 @@ pub struct AttemptRecord {
     pub next_delay_ms: Option<u64>,
     /// Budget left when the attempt ended.
     pub remaining_ms: u64,
+    /// The next attempt was skipped as hopeless: its expected latency.
+    pub expected_ms: Option<u64>,
 }
 
 /// How the run ended.
@@ -102,11 +119,14 @@ pub enum RunOutcome {
     GaveUp {
         reason: GiveUpReason,
         last: AttemptOutcome,
-        /// The upstream's last `Retry-After`, in ms from when the run ended.
+        /// The upstream's last `Retry-After` (or, for [`GiveUpReason::CircuitOpen`], the time
+        /// until the first breaker half-opens), in ms from when the run ended.
         retry_after_ms: Option<u64>,
     },
     /// Less than `MIN_ATTEMPT_MS` was left before the first attempt: the upstream was not called.
     NoTimeToStart { remaining_ms: u64 },
+    /// Every upstream's breaker was open before the first attempt: nothing was called.
+    CircuitOpen { retry_after_ms: u64 },
 }
 
 /// What follows an attempt.
@@ -125,18 +145,74 @@ pub struct RetryRun {
     pub outcome: RunOutcome,
     pub attempts: Vec<AttemptRecord>,
     pub elapsed_ms: u64,
+    /// Moves to another upstream or model (`x-proxy-fallbacks`, `Fallbacks`).
+    pub switches: u32,
+    /// An open breaker made the run skip an upstream or refuse the request (`CircuitOpen`).
+    pub circuit_open: bool,
+    /// Attempts not started because they were hopeless (`AttemptsSkipped`).
+    pub skipped: u32,
+}
+
+impl RetryRun {
+    fn empty(outcome: RunOutcome) -> RetryRun {
+        let circuit_open = matches!(outcome, RunOutcome::CircuitOpen { .. });
+        RetryRun {
+            outcome,
+            attempts: Vec::new(),
+            elapsed_ms: 0,
+            switches: 0,
+            circuit_open,
+            skipped: 0,
+        }
+    }
+}
+
+/// What the loop knows after an attempt was decided.
+struct Decided {
+    record: AttemptRecord,
+    next: Next,
+    rotation: Rotation,
+    retry_after: Option<u64>,
 }
 
 impl Engine {
-    /// Runs attempts until one is final, or retrying is no longer possible before `deadline_ms`.
-    /// `attempt` must finish within the `timeout_ms` it is given. `on_attempt` sees each record
-    /// as soon as it is decided (for logging).
+    /// The v1 loop over one upstream: [`Engine::run_routed`] with [`OneUpstream`].
     pub async fn run<A, Fut>(
         &self,
         deadline_ms: u64,
         clock: &impl Clock,
         sleeper: &impl Sleeper,
         jitter: &mut impl Jitter,
+        attempt: A,
+        on_attempt: impl FnMut(&AttemptRecord),
+    ) -> RetryRun
+    where
+        A: FnMut(AttemptPlan) -> Fut,
+        Fut: Future<Output = AttemptOutcome>,
+    {
+        self.run_routed(
+            deadline_ms,
+            clock,
+            sleeper,
+            jitter,
+            &OneUpstream,
+            attempt,
+            on_attempt,
+        )
+        .await
+    }
+
+    /// Runs attempts until one is final, or retrying is no longer possible before `deadline_ms`.
+    /// `attempt` must finish within the `timeout_ms` it is given. `on_attempt` sees each record
+    /// as soon as it is decided (for logging).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn run_routed<A, Fut>(
+        &self,
+        deadline_ms: u64,
+        clock: &impl Clock,
+        sleeper: &impl Sleeper,
+        jitter: &mut impl Jitter,
+        routing: &impl Routing,
         mut attempt: A,
         mut on_attempt: impl FnMut(&AttemptRecord),
     ) -> RetryRun
@@ -145,108 +221,207 @@ impl Engine {
         Fut: Future<Output = AttemptOutcome>,
     {
         let started = clock.now_ms();
-        let min_attempt = self.min_attempt();
-        let mut attempts = Vec::new();
         let remaining = deadline_ms.saturating_sub(started);
-        if remaining < min_attempt {
-            return RetryRun {
-                outcome: RunOutcome::NoTimeToStart {
-                    remaining_ms: remaining,
-                },
-                attempts,
-                elapsed_ms: 0,
+        if remaining < self.min_attempt() {
+            let outcome = RunOutcome::NoTimeToStart {
+                remaining_ms: remaining,
             };
+            return RetryRun::empty(outcome);
         }
-
+        let Some(mut rotation) = Rotation::start(
+            &routing.available(started),
+            routing.models(),
+            routing.fallback_after(),
+        ) else {
+            let retry_after_ms = routing.wait_until_first_reopens(started);
+            return RetryRun::empty(RunOutcome::CircuitOpen { retry_after_ms });
+        };
+        let mut run = RetryRun::empty(RunOutcome::NoTimeToStart { remaining_ms: 0 });
         let mut number = 0;
+        let mut refusals = 0;
         loop {
-            number += 1;
             let begin = clock.now_ms();
+            let target = rotation.current();
+            let probe = match routing.admit(target.upstream, begin) {
+                Admission::Allowed => false,
+                Admission::Probe => true,
+                Admission::Refused { .. } => {
+                    // Another request took the probe, or the breaker opened since the plan.
+                    let (next, mv) = rotation.after_refusal(&routing.available(begin));
+                    refusals += 1;
+                    if mv == Move::NoneAvailable || refusals > 2 * routing.available(begin).len() {
+                        return self.refused(run, rotation, routing, begin, started);
+                    }
+                    rotation = next;
+                    continue;
+                }
+            };
+            number += 1;
             let remaining = deadline_ms.saturating_sub(begin);
             let timeout_ms = self
                 .attempt_timeout_ms
                 .map_or(remaining, |t| t.min(remaining));
-            let outcome = attempt(AttemptPlan { number, timeout_ms }).await;
+            let plan = AttemptPlan {
+                number,
+                timeout_ms,
+                target,
+            };
+            let outcome = attempt(plan).await;
             let end = clock.now_ms();
-            let remaining = deadline_ms.saturating_sub(end);
-
-            let (status, upstream_request_id, error_kind) = match &outcome {
-                AttemptOutcome::Reply(r) => {
-                    (Some(r.status), r.request_id().map(str::to_owned), None)
-                }
-                AttemptOutcome::Failed { kind, .. } => (None, None, Some(*kind)),
-            };
-            let mut record = AttemptRecord {
-                attempt: number,
-                status,
-                error_kind,
-                latency_ms: end.saturating_sub(begin),
-                upstream_request_id,
-                decision: Decision::Done,
-                reason: String::new(),
-                next_delay_ms: None,
-                remaining_ms: remaining,
-            };
-
-            let retry_after = match &outcome {
-                AttemptOutcome::Reply(r) => policy::retry_after_ms(r, end),
-                AttemptOutcome::Failed { .. } => None,
-            };
-            let (reason, next) = match policy::verdict(&outcome) {
-                Verdict::Final(reason) => (reason.to_owned(), Next::Done),
-                Verdict::Retryable(reason) => {
-                    // Only a timeout that ran until the deadline was cut by it; a timeout that
-                    // ended earlier (ATTEMPT_TIMEOUT_MS, a connect timeout) is a failure like any.
-                    let cut_by_deadline =
-                        error_kind == Some(FailureKind::Timeout) && remaining == 0;
-                    let next = self.after_retryable(
-                        number,
-                        remaining,
-                        retry_after,
-                        cut_by_deadline,
-                        jitter,
-                    );
-                    let reason = match next {
-                        Next::GiveUp(why) => format!("{reason}; {}", why.as_str()),
-                        _ => reason.to_owned(),
-                    };
-                    (reason, next)
-                }
-            };
-            record.reason = reason;
-            record.decision = match next {
-                Next::Done => Decision::Done,
-                Next::GiveUp(_) => Decision::GiveUp,
+            let decided = self.decide(plan, &outcome, begin, end, deadline_ms, &rotation, probe, routing, jitter);
+            let Decided {
+                record,
+                next,
+                rotation: next_rotation,
+                retry_after,
+            } = decided;
+            on_attempt(&record);
+            run.attempts.push(record);
+            rotation = next_rotation;
+            run.switches = rotation.switches();
+            run.circuit_open = rotation.skipped_open();
+            run.elapsed_ms = end.saturating_sub(started);
+            match next {
                 Next::Retry { wait_ms } => {
-                    record.decision = Decision::Retry;
-                    record.next_delay_ms = Some(wait_ms);
-                    on_attempt(&record);
-                    attempts.push(record);
                     sleeper.sleep(wait_ms).await;
                     continue;
                 }
-            };
-            on_attempt(&record);
-            attempts.push(record);
-            let outcome = match (next, outcome) {
-                (Next::GiveUp(reason), last) => RunOutcome::GaveUp {
-                    reason,
-                    last,
-                    retry_after_ms: retry_after,
-                },
-                (_, AttemptOutcome::Reply(reply)) => RunOutcome::Answer(reply),
-                // Transport failures are always retryable: they end in a retry or a give-up.
-                (_, last) => RunOutcome::GaveUp {
-                    reason: GiveUpReason::DeadlineReached,
-                    last,
-                    retry_after_ms: None,
-                },
-            };
-            return RetryRun {
-                outcome,
-                attempts,
-                elapsed_ms: end.saturating_sub(started),
-            };
+                Next::GiveUp(reason) => {
+                    run.skipped = u32::from(reason == GiveUpReason::ExpectedLatencyExceedsBudget);
+                    let retry_after_ms = match reason {
+                        GiveUpReason::CircuitOpen => Some(routing.wait_until_first_reopens(end)),
+                        _ => retry_after,
+                    };
+                    run.outcome = RunOutcome::GaveUp {
+                        reason,
+                        last: outcome,
+                        retry_after_ms,
+                    };
+                }
+                Next::Done => {
+                    run.outcome = match outcome {
+                        AttemptOutcome::Reply(reply) => RunOutcome::Answer(reply),
+                        // Transport failures are always retryable: they end in a retry or a give-up.
+                        last => RunOutcome::GaveUp {
+                            reason: GiveUpReason::DeadlineReached,
+                            last,
+                            retry_after_ms: None,
+                        },
+                    };
+                }
+            }
+            return run;
+        }
+    }
+
+    /// Every upstream refused: before any attempt, the request is answered `CircuitOpen`;
+    /// after some, it gives up with the last attempt's outcome.
+    fn refused(
+        &self,
+        mut run: RetryRun,
+        rotation: Rotation,
+        routing: &impl Routing,
+        now: u64,
+        started: u64,
+    ) -> RetryRun {
+        let retry_after_ms = routing.wait_until_first_reopens(now);
+        run.circuit_open = true;
+        run.switches = rotation.switches();
+        run.elapsed_ms = now.saturating_sub(started);
+        run.outcome = RunOutcome::CircuitOpen { retry_after_ms };
+        run
+    }
+
+    /// Classifies one attempt, tells the breaker and the latency book, and decides what follows.
+    #[allow(clippy::too_many_arguments)]
+    fn decide(
+        &self,
+        plan: AttemptPlan,
+        outcome: &AttemptOutcome,
+        begin: u64,
+        end: u64,
+        deadline_ms: u64,
+        rotation: &Rotation,
+        probe: bool,
+        routing: &impl Routing,
+        jitter: &mut impl Jitter,
+    ) -> Decided {
+        let remaining = deadline_ms.saturating_sub(end);
+        let (status, upstream_request_id, error_kind) = match outcome {
+            AttemptOutcome::Reply(r) => (Some(r.status), r.request_id().map(str::to_owned), None),
+            AttemptOutcome::Failed { kind, .. } => (None, None, Some(*kind)),
+        };
+        let mut record = AttemptRecord {
+            attempt: plan.number,
+            target: plan.target,
+            status,
+            error_kind,
+            latency_ms: end.saturating_sub(begin),
+            upstream_request_id,
+            decision: Decision::Done,
+            reason: String::new(),
+            next_delay_ms: None,
+            remaining_ms: remaining,
+            expected_ms: None,
+        };
+        let retry_after = match outcome {
+            AttemptOutcome::Reply(r) => policy::retry_after_ms(r, end),
+            AttemptOutcome::Failed { .. } => None,
+        };
+        let verdict = policy::verdict(outcome);
+        let report = match verdict {
+            Verdict::Final(_) => Report::Healthy,
+            Verdict::Retryable(_) => Report::Failed,
+        };
+        routing.report(plan.target.upstream, end, probe, report);
+        if status.is_some_and(|s| (200..300).contains(&s)) {
+            routing.learn(plan.target, record.latency_ms);
+        }
+        let (next, rotation) = match verdict {
+            Verdict::Final(reason) => {
+                record.reason = reason.to_owned();
+                (Next::Done, rotation.clone())
+            }
+            Verdict::Retryable(reason) => {
+                let at_once = status == Some(429) || error_kind == Some(FailureKind::Connect);
+                let (rotation, mv) = rotation.after_retryable(at_once, &routing.available(end));
+                // Only a timeout that ran until the deadline was cut by it; a timeout that
+                // ended earlier (ATTEMPT_TIMEOUT_MS, a connect timeout) is a failure like any.
+                let cut_by_deadline = error_kind == Some(FailureKind::Timeout) && remaining == 0;
+                let expected = routing.expected_ms(rotation.current());
+                let next = self.after_retryable(
+                    plan.number,
+                    remaining,
+                    retry_after,
+                    cut_by_deadline,
+                    mv,
+                    expected,
+                    jitter,
+                );
+                record.reason = match next {
+                    Next::GiveUp(GiveUpReason::ExpectedLatencyExceedsBudget) => {
+                        record.expected_ms = expected;
+                        GiveUpReason::ExpectedLatencyExceedsBudget.as_str().to_owned()
+                    }
+                    Next::GiveUp(why) => format!("{reason}; {}", why.as_str()),
+                    _ => reason.to_owned(),
+                };
+                (next, rotation)
+            }
+        };
+        record.decision = match next {
+            Next::Done => Decision::Done,
+            Next::GiveUp(_) => Decision::GiveUp,
+            Next::Retry { wait_ms } => {
+                record.next_delay_ms = Some(wait_ms);
+                Decision::Retry
+            }
+        };
+        Decided {
+            record,
+            next,
+            rotation,
+            retry_after,
         }
     }
 }
@@ -259,24 +434,41 @@ impl Engine {
 
     /// After a retryable failure: the wait before the next attempt, or why there is none.
     /// `cut_by_deadline`: the attempt was still waiting on the upstream when the deadline came.
+    /// `mv`: where the next attempt goes ([`Move::Switch`] goes at once, without a backoff).
+    /// `expected_ms`: the next attempt's expected latency, when hopeless attempts are skipped.
+    #[allow(clippy::too_many_arguments)]
     fn after_retryable(
         &self,
         number: u32,
         remaining: u64,
         retry_after: Option<u64>,
         cut_by_deadline: bool,
+        mv: Move,
+        expected_ms: Option<u64>,
         jitter: &mut impl Jitter,
     ) -> Next {
         let min_attempt = self.min_attempt();
-        let wait = retry_after.unwrap_or_else(|| self.policy.backoff_ms(number, jitter));
+        let switching = mv == Move::Switch;
+        let wait = match switching {
+            true => 0,
+            false => retry_after.unwrap_or_else(|| self.policy.backoff_ms(number, jitter)),
+        };
+        let left_after_wait = remaining.saturating_sub(wait);
+        let time_for_attempt = self
+            .attempt_timeout_ms
+            .map_or(left_after_wait, |t| t.min(left_after_wait));
         let why = if cut_by_deadline {
             GiveUpReason::DeadlineReached
         } else if number >= self.policy.max_attempts {
             GiveUpReason::AttemptsExhausted
-        } else if retry_after.is_some_and(|w| w > remaining) {
+        } else if mv == Move::NoneAvailable {
+            GiveUpReason::CircuitOpen
+        } else if !switching && retry_after.is_some_and(|w| w > remaining) {
             GiveUpReason::RetryAfterPastDeadline
-        } else if remaining.saturating_sub(wait) < min_attempt {
+        } else if left_after_wait < min_attempt {
             GiveUpReason::BudgetExhausted
+        } else if hopeless(true, true, expected_ms, time_for_attempt).is_some() {
+            GiveUpReason::ExpectedLatencyExceedsBudget
         } else {
             return Next::Retry { wait_ms: wait };
         };
