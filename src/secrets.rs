@@ -19,8 +19,11 @@ use aws_sdk_secretsmanager::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_secretsmanager::operation::get_secret_value::GetSecretValueError;
 use tokio::sync::Mutex;
 
+use std::collections::HashMap;
+
 use crate::config::{ClientAuth, KeySource};
 use crate::retry::{Clock, SystemClock};
+use crate::upstreams::{UpstreamSpec, parse_upstreams};
 
 /// First wait after a failed read; doubled after each further failure, up to [`BACKOFF_MAX_MS`].
 pub const BACKOFF_MIN_MS: u64 = 1_000;
@@ -156,7 +159,13 @@ pub struct Secrets {
     ttl_ms: u64,
     openai_key: Mutex<Cell<Arc<str>>>,
     proxy_tokens: Mutex<Cell<Arc<[String]>>>,
+    /// `UPSTREAMS_SECRET_ARN`'s list, and the keys named by `api_key_secret_arn` (by ARN).
+    upstreams: Mutex<Cell<Arc<[UpstreamSpec]>>>,
+    upstream_keys: std::sync::Mutex<HashMap<String, Arc<KeyCell>>>,
 }
+
+/// One cached key; shared so a read does not hold the map's lock.
+type KeyCell = Mutex<Cell<Arc<str>>>;
 
 impl std::fmt::Debug for Secrets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -176,6 +185,8 @@ impl Secrets {
             ttl_ms: u64::MAX,
             openai_key: Mutex::default(),
             proxy_tokens: Mutex::default(),
+            upstreams: Mutex::default(),
+            upstream_keys: Default::default(),
         }
     }
 
@@ -213,6 +224,54 @@ impl Secrets {
             Ok(Arc::from(key))
         };
         self.cached(&self.openai_key, SETTING, arn, rejected, within, read)
+            .await
+    }
+
+    /// The key of an `UPSTREAMS` entry with `api_key_secret_arn` (a raw key or JSON like the
+    /// OpenAI key's secret); with `rejected` (after that upstream's 401), read again.
+    pub async fn upstream_key(
+        &self,
+        source: &KeySource,
+        rejected: bool,
+        within: Duration,
+    ) -> Result<Arc<str>, SecretError> {
+        let arn = match source {
+            KeySource::Env(key) => return Ok(Arc::from(key.as_str())),
+            KeySource::SecretArn(arn) => arn,
+        };
+        const SETTING: &str = "UPSTREAMS";
+        let cell = {
+            let mut cells = self.upstream_keys.lock().unwrap_or_else(|p| p.into_inner());
+            cells.entry(arn.clone()).or_default().clone()
+        };
+        let read = |until| async move {
+            let raw = self.read(SETTING, arn, within, until).await?;
+            match parse_openai_key(&raw) {
+                Some(key) if crate::config::is_header_token(&key) => Ok(Arc::from(key)),
+                _ => Err(definite(
+                    SETTING,
+                    "names an api_key_secret_arn that holds no usable key",
+                )),
+            }
+        };
+        self.cached(&cell, SETTING, arn, rejected, within, read)
+            .await
+    }
+
+    /// The upstream list held by `UPSTREAMS_SECRET_ARN` (the same JSON as `UPSTREAMS`).
+    pub async fn upstreams(
+        &self,
+        arn: &str,
+        within: Duration,
+    ) -> Result<Arc<[UpstreamSpec]>, SecretError> {
+        const SETTING: &str = "UPSTREAMS_SECRET_ARN";
+        let read = |until| async move {
+            let raw = self.read(SETTING, arn, within, until).await?;
+            parse_upstreams(SETTING, &raw)
+                .map(Arc::from)
+                .map_err(|e| definite(SETTING, &e.problem))
+        };
+        self.cached(&self.upstreams, SETTING, arn, false, within, read)
             .await
     }
 

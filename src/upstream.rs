@@ -8,6 +8,7 @@ use bytes::Bytes;
 use reqwest::{Method, redirect};
 
 use crate::retry::{AttemptOutcome, FailureKind, UpstreamReply};
+use crate::upstreams::UpstreamSpec;
 
 /// Response headers worth keeping from the upstream (the rest are dropped).
 const KEPT_HEADERS: [&str; 6] = [
@@ -22,7 +23,6 @@ const KEPT_HEADERS: [&str; 6] = [
 #[derive(Clone, Debug)]
 pub struct UpstreamClient {
     http: reqwest::Client,
-    base_url: String,
 }
 
 /// One request to forward (spec §2: only these headers go upstream).
@@ -35,12 +35,10 @@ pub struct ForwardRequest {
     pub content_type: Option<String>,
     pub idempotency_key: Option<String>,
     pub client_request_id: String,
-    pub organization: Option<String>,
-    pub project: Option<String>,
 }
 
 impl UpstreamClient {
-    pub fn new(base_url: &str, connect_timeout_ms: u64) -> Result<UpstreamClient, reqwest::Error> {
+    pub fn new(connect_timeout_ms: u64) -> Result<UpstreamClient, reqwest::Error> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(connect_timeout_ms))
             // Never follow redirects: the server's key must not travel to another host.
@@ -49,24 +47,29 @@ impl UpstreamClient {
             .tcp_nodelay(true)
             .user_agent(concat!("openai-lambda-proxy/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(UpstreamClient {
-            http,
-            base_url: base_url.trim_end_matches('/').to_owned(),
-        })
+        Ok(UpstreamClient { http })
     }
 
-    /// Sends one attempt; never takes longer than `timeout_ms` (connect, headers and body).
+    /// Sends one attempt to `upstream` with its key (`Authorization: Bearer` for OpenAI,
+    /// `api-key` for Azure) and `body` (the request's, with the model the upstream expects).
+    /// Never takes longer than `timeout_ms` (connect, headers and body).
     pub async fn send(
         &self,
         req: &ForwardRequest,
+        upstream: &UpstreamSpec,
         api_key: &str,
+        body: Bytes,
         timeout_ms: u64,
     ) -> AttemptOutcome {
         let timeout = Duration::from_millis(timeout_ms);
+        let (auth_name, auth_value) = upstream.kind.auth_header(api_key);
         let mut builder = self
             .http
-            .request(req.method.clone(), format!("{}{}", self.base_url, req.path))
-            .bearer_auth(api_key)
+            .request(
+                req.method.clone(),
+                format!("{}{}", upstream.base_url, req.path),
+            )
+            .header(auth_name, auth_value)
             .header("x-client-request-id", &req.client_request_id)
             .timeout(timeout);
         if req.method == Method::POST {
@@ -75,11 +78,11 @@ impl UpstreamClient {
                     "content-type",
                     req.content_type.as_deref().unwrap_or("application/json"),
                 )
-                .body(req.body.clone());
+                .body(body);
         }
         for (name, value) in [
-            ("openai-organization", &req.organization),
-            ("openai-project", &req.project),
+            ("openai-organization", &upstream.organization),
+            ("openai-project", &upstream.project),
             ("idempotency-key", &req.idempotency_key),
         ] {
             if let Some(v) = value {

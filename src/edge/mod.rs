@@ -5,6 +5,7 @@
 pub mod request;
 pub mod response;
 pub mod routes;
+mod upstreams;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,17 +17,20 @@ use tracing::Instrument;
 
 use crate::auth;
 use crate::budget::{Budget, DeadlineSettings, GatewayKind};
-use crate::config::{ConfigError, KeySource, Settings};
+use crate::config::{ConfigError, Settings};
 use crate::retry::{
-    AttemptOutcome, AttemptRecord, Decision, Engine, FailureKind, FastRandJitter, GiveUpReason,
-    RetryPolicy, RetryRun, RunOutcome, SystemClock, TokioSleeper, UpstreamReply, epoch_ms,
+    AttemptOutcome, AttemptRecord, Decision, FailureKind, GiveUpReason, RetryRun, RunOutcome,
+    UpstreamReply, epoch_ms,
 };
 use crate::secrets::Secrets;
 use crate::telemetry::metrics::{InvocationMetrics, MetricsSink};
 use crate::upstream::{ForwardRequest, UpstreamClient};
+use crate::upstreams::MAX_UPSTREAMS;
+use crate::upstreams::breaker::Breakers;
+use crate::upstreams::latency::LatencyBook;
 use request::{BodyError, GatewayEvent};
 use response::{ErrorCode, ProxyResponse, UpstreamSummary, seconds};
-use routes::{Route, RouteKind};
+use routes::RouteKind;
 
 const STATUS_PAGE: &str = "https://status.openai.com";
 
@@ -53,6 +57,9 @@ pub struct Proxy {
 struct Ready {
     settings: Settings,
     upstream: UpstreamClient,
+    /// Kept across warm invocations (and shared by concurrent ones), by position in the list.
+    breakers: Breakers,
+    latency: LatencyBook,
 }
 
 /// How an invocation ended, for the `outcome` log field.
@@ -90,6 +97,10 @@ struct Summary {
     code: Option<ErrorCode>,
     outcome: Outcome,
     attempts: Vec<AttemptRecord>,
+    /// §11: switches, an open breaker met, hopeless attempts skipped.
+    switches: u32,
+    circuit_open: bool,
+    skipped: u32,
 }
 
 impl Proxy {
@@ -99,8 +110,13 @@ impl Proxy {
         metrics: Box<dyn MetricsSink>,
     ) -> Proxy {
         let state = settings.and_then(|settings| {
-            UpstreamClient::new(&settings.openai_base_url, settings.connect_timeout_ms)
-                .map(|upstream| Ready { settings, upstream })
+            UpstreamClient::new(settings.connect_timeout_ms)
+                .map(|upstream| Ready {
+                    breakers: Breakers::new(settings.breaker, MAX_UPSTREAMS),
+                    latency: LatencyBook::new(),
+                    settings,
+                    upstream,
+                })
                 .map_err(|_| ConfigError {
                     setting: "OPENAI_BASE_URL",
                     problem: "could not be used to build the HTTP client".into(),
@@ -168,6 +184,9 @@ impl Proxy {
             code: None,
             outcome: Outcome::Rejected,
             attempts: Vec::new(),
+            switches: 0,
+            circuit_open: false,
+            skipped: 0,
         };
         let resp = match &parsed {
             Some(ev) => self.serve(ev, id, &budget, &mut summary).await,
@@ -186,10 +205,13 @@ impl Proxy {
         log_finished(&summary, &resp, elapsed_ms, &budget, cold_start);
         if summary.outcome != Outcome::Health {
             let failed = summary.code.is_some_and(ErrorCode::is_upstream_failure);
-            self.metrics.record(
-                id,
-                InvocationMetrics::from_attempts(&summary.attempts, failed, cold_start),
-            );
+            let metrics = InvocationMetrics {
+                fallbacks: summary.switches.into(),
+                circuit_open: summary.circuit_open.into(),
+                attempts_skipped: summary.skipped.into(),
+                ..InvocationMetrics::from_attempts(&summary.attempts, failed, cold_start)
+            };
+            self.metrics.record(id, metrics);
         }
         render(parsed.map(|e| e.kind), resp)
     }
@@ -294,6 +316,7 @@ impl Proxy {
                 );
             }
         };
+        let mut stream = false;
         if route.method == "POST" {
             let value: Value = match serde_json::from_slice(&body) {
                 Ok(v) => v,
@@ -309,6 +332,7 @@ impl Proxy {
                     "Request body must be a JSON object.".into(),
                 );
             };
+            stream = object.get("stream") == Some(&Value::Bool(true));
             match object.get("model") {
                 Some(Value::String(m)) => summary.model = Some(m.clone()),
                 None if !model_required => {}
@@ -349,12 +373,12 @@ impl Proxy {
             }
         }
 
-        let key = match self
-            .secrets
-            .openai_key(&settings.openai_key, false, within)
-            .await
-        {
-            Ok(k) => k,
+        let list = match self.upstream_list(settings, within).await {
+            Ok(list) => list,
+            Err(e) => return config_error(summary, id, e.setting, &e.problem),
+        };
+        let keys = match self.upstream_keys(settings, &list, None, within).await {
+            Ok(keys) => keys,
             Err(e) => return config_error(summary, id, e.setting, &e.problem),
         };
         let forward = ForwardRequest {
@@ -368,103 +392,19 @@ impl Proxy {
             content_type: ev.header("content-type").map(str::to_owned),
             idempotency_key: ev.header("idempotency-key").map(str::to_owned),
             client_request_id: id.to_owned(),
-            organization: settings.openai_organization.clone(),
-            project: settings.openai_project.clone(),
         };
-        let run = self
-            .call_upstream(
-                ready,
-                route,
-                &forward,
-                key,
-                budget,
-                summary.model.as_deref(),
-            )
-            .await;
-        respond(run, id, budget, summary)
-    }
-
-    /// Runs the retry engine; after an upstream 401 with a key from Secrets Manager, fetches the
-    /// key again once (rotation) and retries with what is left of the budget.
-    async fn call_upstream(
-        &self,
-        ready: &Ready,
-        route: &Route,
-        forward: &ForwardRequest,
-        key: Arc<str>,
-        budget: &Budget,
-        model: Option<&str>,
-    ) -> RetryRun {
-        let (settings, client) = (&ready.settings, &ready.upstream);
-        let engine = Engine {
-            policy: RetryPolicy {
-                max_attempts: settings.retry_max_attempts,
-                base_delay_ms: settings.retry_base_delay_ms,
-                max_delay_ms: settings.retry_max_delay_ms,
-            },
-            min_attempt_ms: settings.min_attempt_ms,
-            attempt_timeout_ms: settings.attempt_timeout_ms,
+        let routed = upstreams::Routed {
+            route,
+            forward: &forward,
+            list: &list,
+            models: summary
+                .model
+                .as_deref()
+                .map(|m| settings.model_fallbacks.chain(m)),
+            stream,
         };
-        let attempt_with = |key: Arc<str>| {
-            move |plan: crate::retry::AttemptPlan| {
-                let key = key.clone();
-                async move { client.send(forward, &key, plan.timeout_ms).await }
-            }
-        };
-        let mut run = engine
-            .run(
-                budget.deadline_ms,
-                &SystemClock,
-                &TokioSleeper,
-                &mut FastRandJitter,
-                attempt_with(key.clone()),
-                |r| log_attempt(route, model, r, 0),
-            )
-            .await;
-        let rejected_key = matches!(&run.outcome, RunOutcome::Answer(r) if r.status == 401);
-        if !(rejected_key && matches!(settings.openai_key, KeySource::SecretArn(_))) {
-            return run;
-        }
-        let within = budget.time_left(epoch_ms());
-        let Ok(fresh) = self
-            .secrets
-            .openai_key(&settings.openai_key, true, within)
-            .await
-        else {
-            return run;
-        };
-        if fresh == key {
-            // Not rotated: the same key would be rejected again.
-            tracing::warn!(
-                "upstream rejected the OpenAI key (401); the secret still holds the same key"
-            );
-            return run;
-        }
-        tracing::warn!(
-            "upstream rejected the OpenAI key (401); fetched it again from Secrets Manager and retrying once"
-        );
-        let offset = run.attempts.len() as u32;
-        let second = engine
-            .run(
-                budget.deadline_ms,
-                &SystemClock,
-                &TokioSleeper,
-                &mut FastRandJitter,
-                attempt_with(fresh),
-                |r| log_attempt(route, model, r, offset),
-            )
-            .await;
-        if matches!(second.outcome, RunOutcome::NoTimeToStart { .. }) {
-            return run;
-        }
-        run.attempts
-            .extend(second.attempts.into_iter().map(|mut a| {
-                a.attempt += offset;
-                a
-            }));
-        run.outcome = second.outcome;
-        run.elapsed_ms = epoch_ms().saturating_sub(budget.started_ms);
-        run
+        let run = self.call_upstream(ready, &routed, keys, budget).await;
+        respond(run, &routed, id, budget, summary)
     }
 }
 
@@ -478,7 +418,13 @@ fn config_error(summary: &mut Summary, id: &str, setting: &str, problem: &str) -
 }
 
 /// Turns the engine's result into the caller's answer (spec §5).
-fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> ProxyResponse {
+fn respond(
+    run: RetryRun,
+    req: &upstreams::Routed<'_>,
+    id: &str,
+    budget: &Budget,
+    summary: &mut Summary,
+) -> ProxyResponse {
     let upstream = UpstreamSummary {
         status: run.attempts.iter().rev().find_map(|a| a.status),
         attempts: run.attempts.len() as u32,
@@ -489,6 +435,7 @@ fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> P
             .filter_map(|a| a.upstream_request_id.clone())
             .collect(),
         last_error: None,
+        by_upstream: upstreams::by_upstream(&run.attempts, &req.names()),
     };
     let last_request_id = upstream.request_ids.last().cloned();
     let ids = if upstream.request_ids.is_empty() {
@@ -496,6 +443,10 @@ fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> P
     } else {
         upstream.request_ids.join(", ")
     };
+    (summary.switches, summary.circuit_open, summary.skipped) =
+        (run.switches, run.circuit_open, run.skipped);
+    let route_headers = upstreams::route_headers(&run, req);
+    let expected_ms = run.attempts.last().and_then(|a| a.expected_ms);
     summary.attempts = run.attempts;
     let (mut resp, last_reply) = match run.outcome {
         RunOutcome::Answer(reply) if matches!(reply.status, 401 | 403) => {
@@ -534,6 +485,9 @@ fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> P
             }
             (resp, Some(reply))
         }
+        RunOutcome::CircuitOpen { retry_after_ms } => {
+            (circuit_open(summary, upstream, retry_after_ms, id), None)
+        }
         RunOutcome::GaveUp {
             reason,
             last,
@@ -548,6 +502,7 @@ fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> P
                 reason,
                 &last,
                 retry_after_ms,
+                expected_ms,
                 &upstream,
                 &ids,
                 budget.budget_ms,
@@ -591,6 +546,37 @@ fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> P
     if let Some(reply) = last_reply {
         pass_through_headers(&reply, &mut resp);
     }
+    for (name, value) in route_headers {
+        resp.set_header(name, value);
+    }
+    resp
+}
+
+/// 503 `upstream_circuit_open`: every upstream's breaker is open (§11).
+fn circuit_open(
+    summary: &mut Summary,
+    upstream: UpstreamSummary,
+    retry_after_ms: u64,
+    id: &str,
+) -> ProxyResponse {
+    let code = ErrorCode::UpstreamCircuitOpen;
+    summary.outcome = Outcome::UpstreamFailure;
+    summary.code = Some(code);
+    summary.circuit_open = true;
+    let secs = retry_after_ms.div_ceil(1000).max(1);
+    let tried = match upstream.attempts {
+        0 => "so no upstream was called".to_owned(),
+        n => format!(
+            "after {n} attempt{} (last: {})",
+            if n == 1 { "" } else { "s" },
+            upstream.last_error.as_deref().unwrap_or("none")
+        ),
+    };
+    let message = format!(
+        "Every upstream is failing: their circuit breakers are open (BREAKER_FAILURES retryable failures in a row), {tried}. The first one will be tried again in {secs} s; retry after that."
+    );
+    let mut resp = ProxyResponse::error(code, message, Some(&upstream), id);
+    resp.set_header("retry-after", secs.to_string());
     resp
 }
 
@@ -600,6 +586,7 @@ fn gave_up(
     reason: GiveUpReason,
     last: &AttemptOutcome,
     retry_after_ms: Option<u64>,
+    expected_ms: Option<u64>,
     upstream: &UpstreamSummary,
     ids: &str,
     budget_ms: u64,
@@ -624,6 +611,10 @@ fn gave_up(
             seconds(retry_after_ms.unwrap_or_default())
         ),
         GiveUpReason::DeadlineReached => format!("the proxy's {budget} time budget ran out"),
+        GiveUpReason::ExpectedLatencyExceedsBudget => format!(
+            "the next attempt was not started because successful attempts there recently took up to {}, more than the time left in the proxy's {budget} time budget (expected_latency_exceeds_budget)",
+            seconds(expected_ms.unwrap_or_default())
+        ),
     };
     match (reason, last) {
         (GiveUpReason::DeadlineReached, _) => (
@@ -709,12 +700,16 @@ fn printable(s: &str) -> String {
     out
 }
 
-fn log_attempt(route: &Route, model: Option<&str>, r: &AttemptRecord, offset: u32) {
+/// The `upstream attempt` line (§6, §11): `upstream` is the name, `model` the one asked for.
+fn log_attempt(req: &upstreams::Routed<'_>, names: &[String], r: &AttemptRecord, offset: u32) {
     let (status, error_kind) = (r.status, r.error_kind.map(FailureKind::as_str));
+    let model = req.model(r.target.model);
+    let upstream = names.get(r.target.upstream).map_or("", String::as_str);
     macro_rules! attempt_event {
         ($level:ident) => {
             tracing::$level!(
-                route = route.path,
+                route = req.route.path,
+                upstream,
                 json.model = %json!(model),
                 attempt = r.attempt + offset,
                 json.status = %json!(status),
@@ -725,6 +720,7 @@ fn log_attempt(route: &Route, model: Option<&str>, r: &AttemptRecord, offset: u3
                 reason = %r.reason,
                 json.next_delay_ms = %json!(r.next_delay_ms),
                 remaining_ms = r.remaining_ms,
+                json.expected_ms = %json!(r.expected_ms),
                 "upstream attempt"
             )
         };

@@ -74,8 +74,6 @@ pub enum GiveUpReason {
     DeadlineReached,
     /// The next attempt's expected latency (§11) exceeds the time it would have.
     ExpectedLatencyExceedsBudget,
-    /// Every upstream's circuit breaker is open (§11).
-    CircuitOpen,
 }
 
 impl GiveUpReason {
@@ -86,7 +84,6 @@ impl GiveUpReason {
             GiveUpReason::RetryAfterPastDeadline => "retry-after past deadline",
             GiveUpReason::DeadlineReached => "deadline reached",
             GiveUpReason::ExpectedLatencyExceedsBudget => "expected_latency_exceeds_budget",
-            GiveUpReason::CircuitOpen => "circuit open",
         }
     }
 }
@@ -119,8 +116,7 @@ pub enum RunOutcome {
     GaveUp {
         reason: GiveUpReason,
         last: AttemptOutcome,
-        /// The upstream's last `Retry-After` (or, for [`GiveUpReason::CircuitOpen`], the time
-        /// until the first breaker half-opens), in ms from when the run ended.
+        /// The upstream's last `Retry-After`, in ms from when the run ended.
         retry_after_ms: Option<u64>,
     },
     /// Less than `MIN_ATTEMPT_MS` was left before the first attempt: the upstream was not called.
@@ -173,7 +169,13 @@ struct Decided {
     next: Next,
     rotation: Rotation,
     retry_after: Option<u64>,
+    /// Every upstream's breaker is open: the next attempt carries on where this one went.
+    none_available: bool,
 }
+
+/// Refusals by breakers (races with other requests) tolerated per upstream before a request
+/// treats every upstream as open.
+const MAX_REFUSALS_PER_UPSTREAM: usize = 2;
 
 impl Engine {
     /// The v1 loop over one upstream: [`Engine::run_routed`] with [`OneUpstream`].
@@ -239,23 +241,44 @@ impl Engine {
         let mut run = RetryRun::empty(RunOutcome::NoTimeToStart { remaining_ms: 0 });
         let mut number = 0;
         let mut refusals = 0;
+        // Every breaker is open but this request already runs: it keeps to its upstream (its
+        // own retries are not refused; the breakers then only turn away new requests).
+        let mut carry_on = false;
+        let mut last_target: Option<Target> = None;
         loop {
             let begin = clock.now_ms();
             let target = rotation.current();
-            let probe = match routing.admit(target.upstream, begin) {
+            let admission = match carry_on {
+                true => Admission::Probe,
+                false => routing.admit(target.upstream, begin),
+            };
+            let probe = match admission {
                 Admission::Allowed => false,
                 Admission::Probe => true,
                 Admission::Refused { .. } => {
                     // Another request took the probe, or the breaker opened since the plan.
                     let (next, mv) = rotation.after_refusal(&routing.available(begin));
                     refusals += 1;
-                    if mv == Move::NoneAvailable || refusals > 2 * routing.available(begin).len() {
-                        return self.refused(run, rotation, routing, begin, started);
-                    }
-                    rotation = next;
+                    let stuck =
+                        mv == Move::NoneAvailable || refusals > 2 * MAX_REFUSALS_PER_UPSTREAM;
+                    rotation = match (stuck, last_target) {
+                        (false, _) => next,
+                        (true, Some(t)) => {
+                            carry_on = true;
+                            next.resume(t)
+                        }
+                        (true, None) => {
+                            let retry_after_ms = routing.wait_until_first_reopens(begin);
+                            let mut run =
+                                RetryRun::empty(RunOutcome::CircuitOpen { retry_after_ms });
+                            run.elapsed_ms = begin.saturating_sub(started);
+                            return run;
+                        }
+                    };
                     continue;
                 }
             };
+            last_target = Some(target);
             number += 1;
             let remaining = deadline_ms.saturating_sub(begin);
             let timeout_ms = self
@@ -268,13 +291,25 @@ impl Engine {
             };
             let outcome = attempt(plan).await;
             let end = clock.now_ms();
-            let decided = self.decide(plan, &outcome, begin, end, deadline_ms, &rotation, probe, routing, jitter);
+            let decided = self.decide(
+                plan,
+                &outcome,
+                begin,
+                end,
+                deadline_ms,
+                &rotation,
+                probe,
+                routing,
+                jitter,
+            );
             let Decided {
                 record,
                 next,
                 rotation: next_rotation,
                 retry_after,
+                none_available,
             } = decided;
+            carry_on = none_available;
             on_attempt(&record);
             run.attempts.push(record);
             rotation = next_rotation;
@@ -288,14 +323,10 @@ impl Engine {
                 }
                 Next::GiveUp(reason) => {
                     run.skipped = u32::from(reason == GiveUpReason::ExpectedLatencyExceedsBudget);
-                    let retry_after_ms = match reason {
-                        GiveUpReason::CircuitOpen => Some(routing.wait_until_first_reopens(end)),
-                        _ => retry_after,
-                    };
                     run.outcome = RunOutcome::GaveUp {
                         reason,
                         last: outcome,
-                        retry_after_ms,
+                        retry_after_ms: retry_after,
                     };
                 }
                 Next::Done => {
@@ -312,24 +343,6 @@ impl Engine {
             }
             return run;
         }
-    }
-
-    /// Every upstream refused: before any attempt, the request is answered `CircuitOpen`;
-    /// after some, it gives up with the last attempt's outcome.
-    fn refused(
-        &self,
-        mut run: RetryRun,
-        rotation: Rotation,
-        routing: &impl Routing,
-        now: u64,
-        started: u64,
-    ) -> RetryRun {
-        let retry_after_ms = routing.wait_until_first_reopens(now);
-        run.circuit_open = true;
-        run.switches = rotation.switches();
-        run.elapsed_ms = now.saturating_sub(started);
-        run.outcome = RunOutcome::CircuitOpen { retry_after_ms };
-        run
     }
 
     /// Classifies one attempt, tells the breaker and the latency book, and decides what follows.
@@ -377,6 +390,7 @@ impl Engine {
         if status.is_some_and(|s| (200..300).contains(&s)) {
             routing.learn(plan.target, record.latency_ms);
         }
+        let mut none_available = false;
         let (next, rotation) = match verdict {
             Verdict::Final(reason) => {
                 record.reason = reason.to_owned();
@@ -385,6 +399,7 @@ impl Engine {
             Verdict::Retryable(reason) => {
                 let at_once = status == Some(429) || error_kind == Some(FailureKind::Connect);
                 let (rotation, mv) = rotation.after_retryable(at_once, &routing.available(end));
+                none_available = mv == Move::NoneAvailable;
                 // Only a timeout that ran until the deadline was cut by it; a timeout that
                 // ended earlier (ATTEMPT_TIMEOUT_MS, a connect timeout) is a failure like any.
                 let cut_by_deadline = error_kind == Some(FailureKind::Timeout) && remaining == 0;
@@ -401,7 +416,9 @@ impl Engine {
                 record.reason = match next {
                     Next::GiveUp(GiveUpReason::ExpectedLatencyExceedsBudget) => {
                         record.expected_ms = expected;
-                        GiveUpReason::ExpectedLatencyExceedsBudget.as_str().to_owned()
+                        GiveUpReason::ExpectedLatencyExceedsBudget
+                            .as_str()
+                            .to_owned()
                     }
                     Next::GiveUp(why) => format!("{reason}; {}", why.as_str()),
                     _ => reason.to_owned(),
@@ -422,6 +439,7 @@ impl Engine {
             next,
             rotation,
             retry_after,
+            none_available,
         }
     }
 }
@@ -461,8 +479,6 @@ impl Engine {
             GiveUpReason::DeadlineReached
         } else if number >= self.policy.max_attempts {
             GiveUpReason::AttemptsExhausted
-        } else if mv == Move::NoneAvailable {
-            GiveUpReason::CircuitOpen
         } else if !switching && retry_after.is_some_and(|w| w > remaining) {
             GiveUpReason::RetryAfterPastDeadline
         } else if left_after_wait < min_attempt {
@@ -845,7 +861,11 @@ mod tests {
             f.plans,
             [AttemptPlan {
                 number: 1,
-                timeout_ms: 7_000
+                timeout_ms: 7_000,
+                target: Target {
+                    upstream: 0,
+                    model: 0
+                },
             }]
         );
         assert_eq!(run.elapsed_ms, 7_000);
@@ -1003,8 +1023,312 @@ mod tests {
                     "a cut attempt reported as {reason:?}"
                 );
             }
+            // One upstream, no breaker, no estimates: neither can happen.
+            GiveUpReason::ExpectedLatencyExceedsBudget => {
+                prop_assert!(false, "{reason:?} without routing")
+            }
         }
         Ok(())
+    }
+
+    mod routed {
+        //! The §11 loop in virtual time: real breakers and latency estimates, scripted upstreams.
+        use super::*;
+        use crate::upstreams::breaker::{BreakerSettings, Breakers};
+        use crate::upstreams::latency::{LatencyBook, LatencyKey};
+        use crate::upstreams::routing::Router;
+
+        const ROUTE: &str = "/v1/chat/completions";
+
+        struct Env {
+            breakers: Breakers,
+            latency: LatencyBook,
+            clock: VirtualClock,
+        }
+
+        impl Env {
+            fn new(breaker_failures: u32) -> Env {
+                let settings = BreakerSettings {
+                    failures: breaker_failures,
+                    cooldown_ms: 10_000,
+                };
+                Env {
+                    breakers: Breakers::new(settings, 16),
+                    latency: LatencyBook::new(),
+                    clock: VirtualClock::new(),
+                }
+            }
+
+            fn router(&self, upstreams: usize, models: &[&str], skip_hopeless: bool) -> Router<'_> {
+                Router {
+                    breakers: &self.breakers,
+                    latency: &self.latency,
+                    names: (0..upstreams).map(|i| format!("u{i}")).collect(),
+                    models: models.iter().map(|m| m.to_string()).collect(),
+                    route: ROUTE,
+                    stream: false,
+                    fallback_after: 2,
+                    skip_hopeless,
+                }
+            }
+
+            /// Runs one request; `scripts[i]` is upstream i's answers in order (then 200s).
+            fn run(
+                &self,
+                router: &Router<'_>,
+                budget_ms: u64,
+                scripts: Vec<Vec<Step>>,
+            ) -> (RetryRun, Vec<AttemptPlan>, Vec<u64>) {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap();
+                let mut scripts: Vec<VecDeque<Step>> =
+                    scripts.into_iter().map(VecDeque::from).collect();
+                let plans = std::cell::RefCell::new(vec![]);
+                let sleeps = SleepLog {
+                    clock: self.clock.clone(),
+                    log: Default::default(),
+                };
+                let deadline = self.clock.now_ms() + budget_ms;
+                let run = rt.block_on(engine().run_routed(
+                    deadline,
+                    &self.clock,
+                    &sleeps,
+                    &mut TestJitter::Max,
+                    router,
+                    |plan| {
+                        plans.borrow_mut().push(plan);
+                        let step = scripts[plan.target.upstream]
+                            .pop_front()
+                            .unwrap_or(status(200, 10));
+                        std::future::ready(play(&self.clock, plan, step))
+                    },
+                    |_| {},
+                ));
+                let sleeps = sleeps.log.lock().unwrap().clone();
+                (run, plans.into_inner(), sleeps)
+            }
+        }
+
+        fn targets(plans: &[AttemptPlan]) -> Vec<(usize, usize)> {
+            plans
+                .iter()
+                .map(|p| (p.target.upstream, p.target.model))
+                .collect()
+        }
+
+        #[test]
+        fn primary_down_the_backup_serves_after_two_failures_without_a_sleep_for_the_switch() {
+            let env = Env::new(5);
+            let router = env.router(2, &["gpt-4o"], true);
+            let (run, plans, sleeps) =
+                env.run(&router, 30_000, vec![vec![status(500, 100); 5], vec![]]);
+            assert_eq!(targets(&plans), [(0, 0), (0, 0), (1, 0)]);
+            assert_eq!(
+                sleeps,
+                [1_000, 0],
+                "one backoff on the primary, none for the switch"
+            );
+            assert!(matches!(run.outcome, RunOutcome::Answer(ref r) if r.status == 200));
+            assert_eq!(run.switches, 1);
+            assert!(!run.circuit_open);
+            assert_eq!(run.attempts[1].next_delay_ms, Some(0));
+        }
+
+        #[test]
+        fn a_429_or_a_connect_error_switches_at_once() {
+            for first in [status(429, 10), Step::Fail(FailureKind::Connect, 10)] {
+                let env = Env::new(5);
+                let router = env.router(2, &["gpt-4o"], true);
+                let (run, plans, sleeps) = env.run(&router, 30_000, vec![vec![first], vec![]]);
+                assert_eq!(targets(&plans), [(0, 0), (1, 0)]);
+                assert!(sleeps.iter().all(|s| *s == 0), "{sleeps:?}");
+                assert!(matches!(run.outcome, RunOutcome::Answer(ref r) if r.status == 200));
+            }
+        }
+
+        #[test]
+        fn final_answers_never_fall_back() {
+            for s in [400, 401, 404, 422] {
+                let env = Env::new(5);
+                let router = env.router(2, &["gpt-4o"], true);
+                let (run, plans, _) = env.run(&router, 30_000, vec![vec![status(s, 10)], vec![]]);
+                assert_eq!(targets(&plans), [(0, 0)], "{s}");
+                assert!(matches!(run.outcome, RunOutcome::Answer(ref r) if r.status == s));
+                assert_eq!(run.switches, 0);
+            }
+        }
+
+        #[test]
+        fn attempts_are_counted_over_all_upstreams() {
+            let env = Env::new(0);
+            let router = env.router(3, &["gpt-4o"], true);
+            let down = vec![status(503, 10); 10];
+            let (run, plans, _) = env.run(&router, 60_000, vec![down.clone(), down.clone(), down]);
+            assert_eq!(targets(&plans), [(0, 0), (0, 0), (1, 0), (1, 0), (2, 0)]);
+            assert!(matches!(
+                run.outcome,
+                RunOutcome::GaveUp {
+                    reason: GiveUpReason::AttemptsExhausted,
+                    ..
+                }
+            ));
+            assert_eq!(run.switches, 2);
+        }
+
+        #[test]
+        fn model_fallback_once_every_upstream_failed_for_the_model() {
+            let env = Env::new(0);
+            let router = env.router(2, &["gpt-4o", "gpt-4o-mini"], true);
+            let (run, plans, _) = env.run(
+                &router,
+                60_000,
+                vec![vec![status(429, 10)], vec![status(429, 10)]],
+            );
+            assert_eq!(targets(&plans), [(0, 0), (1, 0), (0, 1)]);
+            assert!(matches!(run.outcome, RunOutcome::Answer(ref r) if r.status == 200));
+            assert_eq!(run.switches, 2);
+        }
+
+        #[test]
+        fn the_breaker_opens_across_requests_refuses_probes_once_and_recovers() {
+            let env = Env::new(3);
+            let router = env.router(1, &["gpt-4o"], true);
+            // A 1.5 s budget leaves room for one attempt per request: three requests that fail
+            // open the breaker (a success in between would have reset the count).
+            env.run(&router, 1_500, vec![vec![status(500, 10)]]);
+            env.run(&router, 1_500, vec![vec![status(500, 10)]]);
+            // The request whose failure opens it carries on (its retries are not refused) and
+            // its success closes the breaker again.
+            let (run, plans, _) = env.run(
+                &router,
+                30_000,
+                vec![vec![status(500, 10), status(500, 10), status(200, 10)]],
+            );
+            assert_eq!(plans.len(), 3, "a running request keeps its retries");
+            assert!(matches!(run.outcome, RunOutcome::Answer(ref r) if r.status == 200));
+            let (_, plans, _) = env.run(&router, 1_500, vec![vec![status(500, 10)]]);
+            assert_eq!(plans.len(), 1, "closed: the next request is let through");
+            // Two more failures open it; open, a request is refused at once, with the time until
+            // it half-opens.
+            env.run(&router, 1_500, vec![vec![status(500, 10)]]);
+            env.run(&router, 1_500, vec![vec![status(500, 10)]]);
+            let (run, plans, _) = env.run(&router, 30_000, vec![vec![]]);
+            assert!(plans.is_empty());
+            assert_eq!(
+                run.outcome,
+                RunOutcome::CircuitOpen {
+                    retry_after_ms: 10_000
+                }
+            );
+            assert!(run.circuit_open);
+            // After the cooldown one request probes; its failure doubles the cooldown.
+            env.clock.advance(10_000);
+            let (_, plans, _) = env.run(&router, 1_500, vec![vec![status(503, 10)]]);
+            assert_eq!(plans.len(), 1);
+            let (run, _, _) = env.run(&router, 30_000, vec![vec![]]);
+            assert_eq!(
+                run.outcome,
+                RunOutcome::CircuitOpen {
+                    retry_after_ms: 20_000
+                }
+            );
+            // The next probe succeeds and closes it.
+            env.clock.advance(20_000);
+            let (run, _, _) = env.run(&router, 30_000, vec![vec![status(200, 10)]]);
+            assert!(matches!(run.outcome, RunOutcome::Answer(ref r) if r.status == 200));
+            let (run, _, _) = env.run(
+                &router,
+                30_000,
+                vec![vec![status(500, 10), status(200, 10)]],
+            );
+            assert!(matches!(run.outcome, RunOutcome::Answer(ref r) if r.status == 200));
+        }
+
+        #[test]
+        fn an_open_primary_is_skipped_and_counted() {
+            let env = Env::new(2);
+            let router = env.router(2, &["gpt-4o"], true);
+            env.run(
+                &router,
+                30_000,
+                vec![vec![status(500, 10), status(500, 10)], vec![]],
+            );
+            let (run, plans, _) = env.run(&router, 30_000, vec![vec![], vec![]]);
+            assert_eq!(targets(&plans), [(1, 0)]);
+            assert!(run.circuit_open);
+            assert_eq!(run.switches, 0);
+        }
+
+        fn learn(env: &Env, upstream: &str, ms: u64) {
+            let key = LatencyKey {
+                upstream: upstream.into(),
+                route: ROUTE,
+                model: "gpt-4o".into(),
+                stream: false,
+            };
+            for _ in 0..5 {
+                env.latency.record(&key, ms);
+            }
+        }
+
+        #[test]
+        fn a_hopeless_retry_is_not_started_unless_turned_off() {
+            // Successes take 8 s; after a 500 and a 1 s backoff only 6.9 s would be left.
+            for skip in [true, false] {
+                let env = Env::new(0);
+                learn(&env, "u0", 8_000);
+                let router = env.router(1, &["gpt-4o"], skip);
+                let (run, plans, _) = env.run(&router, 8_000, vec![vec![status(500, 100)]]);
+                if skip {
+                    assert_eq!(plans.len(), 1);
+                    assert!(matches!(
+                        run.outcome,
+                        RunOutcome::GaveUp {
+                            reason: GiveUpReason::ExpectedLatencyExceedsBudget,
+                            ..
+                        }
+                    ));
+                    assert_eq!(run.attempts[0].reason, "expected_latency_exceeds_budget");
+                    assert_eq!(run.attempts[0].expected_ms, Some(8_000));
+                    assert_eq!(run.skipped, 1);
+                    assert_eq!(run.elapsed_ms, 100, "answered at once");
+                } else {
+                    assert_eq!(plans.len(), 2, "the control makes the retry");
+                    assert_eq!(run.skipped, 0);
+                }
+            }
+        }
+
+        #[test]
+        fn the_first_attempt_is_never_skipped_and_estimates_come_from_successes() {
+            let env = Env::new(0);
+            let router = env.router(1, &["gpt-4o"], true);
+            for _ in 0..5 {
+                env.run(&router, 30_000, vec![vec![status(200, 9_000)]]);
+            }
+            assert_eq!(
+                router.expected_ms(Target {
+                    upstream: 0,
+                    model: 0
+                }),
+                Some(9_000)
+            );
+            let (run, plans, _) = env.run(&router, 5_000, vec![vec![status(200, 10)]]);
+            assert_eq!(plans.len(), 1);
+            assert!(matches!(run.outcome, RunOutcome::Answer(_)));
+        }
+
+        #[test]
+        fn a_hopeless_primary_still_lets_a_known_fast_backup_serve() {
+            let env = Env::new(0);
+            learn(&env, "u0", 20_000);
+            learn(&env, "u1", 500);
+            let router = env.router(2, &["gpt-4o"], true);
+            let (run, plans, _) = env.run(&router, 10_000, vec![vec![status(429, 100)], vec![]]);
+            assert_eq!(targets(&plans), [(0, 0), (1, 0)]);
+            assert!(matches!(run.outcome, RunOutcome::Answer(ref r) if r.status == 200));
+        }
     }
 
     proptest! {

@@ -110,6 +110,13 @@ impl Rotation {
         next.away(&available)
     }
 
+    /// Goes back to `target` (where the last attempt went), e.g. when every breaker is open.
+    pub fn resume(mut self, target: Target) -> Rotation {
+        self.current = target;
+        self.in_a_row = 0;
+        self
+    }
+
     /// Leaves the current target for the best other one.
     fn away(mut self, available: &[bool]) -> (Rotation, Move) {
         let open = |i: usize| available.get(i).copied().unwrap_or(false);
@@ -123,10 +130,7 @@ impl Rotation {
                 },
                 Move::Switch,
             ),
-            (None, None) => {
-                self.skipped_open = true;
-                return (self, Move::NoneAvailable);
-            }
+            (None, None) => return (self, Move::NoneAvailable),
             (None, Some(u)) if self.current.model + 1 < self.models => (
                 Target {
                     upstream: u,

@@ -89,7 +89,7 @@ impl Routing for Router<'_> {
         self.fallback_after
     }
     fn available(&self, now_ms: u64) -> Vec<bool> {
-        self.breakers.available(now_ms)
+        self.breakers.available(now_ms, self.names.len())
     }
     fn admit(&self, upstream: usize, now_ms: u64) -> Admission {
         self.breakers.admit(upstream, now_ms)
@@ -98,7 +98,8 @@ impl Routing for Router<'_> {
         self.breakers.record(upstream, now_ms, probe, report);
     }
     fn wait_until_first_reopens(&self, now_ms: u64) -> u64 {
-        self.breakers.wait_until_first_reopens(now_ms)
+        self.breakers
+            .wait_until_first_reopens(now_ms, self.names.len())
     }
     fn expected_ms(&self, target: Target) -> Option<u64> {
         if !self.skip_hopeless {
