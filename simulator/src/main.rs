@@ -13,7 +13,7 @@ use openai_simulator::{Simulator, Step, parse_script};
 const USAGE: &str = "usage: openai-simulator [--port N] [--host IP] [--script \"500,500,ok\"] [--default STEP] [--quiet]
 
 Script steps (comma separated): ok | delay=<ms> | <status>[:ra=<s>][:ra-ms=<ms>][:ra-date=<s>]
-[:retry=true|false][:quota][:delay=<ms>] | hang | reset | cut | stream-cut
+[:retry=true|false][:quota][:delay=<ms>] | hang | reset | cut | stream-cut | big=<bytes>
 Control: PUT /_sim/script, PUT /_sim/default, GET|DELETE /_sim/requests, GET /_sim/health";
 
 struct Args {
