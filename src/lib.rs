@@ -13,5 +13,6 @@ pub mod secrets;
 pub mod stream;
 pub mod telemetry;
 pub mod upstream;
+pub mod upstreams;
 
 pub use edge::{Invocation, Proxy};
