@@ -8,6 +8,10 @@ use std::fmt;
 use reqwest::Url;
 
 use crate::budget::{DeadlineSettings, METRICS_FLUSH_RESERVE_MS};
+use crate::upstreams::breaker::BreakerSettings;
+use crate::upstreams::{
+    ModelFallbacks, UpstreamKind, UpstreamSpec, UpstreamsSource, parse_upstreams,
+};
 
 /// Everything the function can be configured with. Built by [`Settings::from_env`].
 #[derive(Clone, Debug)]
@@ -33,6 +37,12 @@ pub struct Settings {
     pub metrics_namespace: String,
     /// `AWS_LAMBDA_FUNCTION_NAME`, the metrics dimension.
     pub function_name: String,
+    /// `UPSTREAMS` / `UPSTREAMS_SECRET_ARN`, else the one `openai` upstream of §7 (spec §11).
+    pub upstreams: UpstreamsSource,
+    pub fallback_after_failures: u32,
+    pub model_fallbacks: ModelFallbacks,
+    pub breaker: BreakerSettings,
+    pub skip_hopeless_attempts: bool,
 }
 
 /// Where the server's OpenAI key comes from.
@@ -138,7 +148,7 @@ impl Settings {
         let env = Env(&lookup);
         let openai_base_url = match env.get("OPENAI_BASE_URL") {
             None => "https://api.openai.com/v1".to_owned(),
-            Some(raw) => parse_base_url(&raw)?,
+            Some(raw) => parse_base_url("OPENAI_BASE_URL", &raw)?,
         };
         let openai_key = match (
             env.get("OPENAI_API_KEY_SECRET_ARN"),
@@ -203,16 +213,51 @@ impl Settings {
         }
         let retry_max_attempts = env.number("RETRY_MAX_ATTEMPTS", 5, 1, 20)? as u32;
         let deadline = DeadlineSettings::default();
+        let openai_organization = env
+            .get("OPENAI_ORGANIZATION")
+            .map(|v| header_token("OPENAI_ORGANIZATION", v))
+            .transpose()?;
+        let openai_project = env
+            .get("OPENAI_PROJECT")
+            .map(|v| header_token("OPENAI_PROJECT", v))
+            .transpose()?;
+        let upstreams = match (env.get("UPSTREAMS_SECRET_ARN"), env.get("UPSTREAMS")) {
+            (Some(arn), _) => UpstreamsSource::SecretArn(arn),
+            (None, Some(raw)) => UpstreamsSource::List(parse_upstreams("UPSTREAMS", &raw)?),
+            (None, None) => UpstreamsSource::List(vec![UpstreamSpec {
+                name: "openai".into(),
+                base_url: openai_base_url.clone(),
+                kind: UpstreamKind::OpenAi,
+                key: openai_key.clone(),
+                organization: openai_organization.clone(),
+                project: openai_project.clone(),
+                models: Default::default(),
+            }]),
+        };
+        let model_fallbacks = env
+            .get("MODEL_FALLBACKS")
+            .map(|raw| ModelFallbacks::parse(&raw))
+            .transpose()?
+            .unwrap_or_default();
+        let breaker_defaults = BreakerSettings::default();
+        let breaker = BreakerSettings {
+            failures: env.number(
+                "BREAKER_FAILURES",
+                breaker_defaults.failures.into(),
+                0,
+                1000,
+            )? as u32,
+            cooldown_ms: env.number(
+                "BREAKER_COOLDOWN_MS",
+                breaker_defaults.cooldown_ms,
+                1,
+                FIFTEEN_MINUTES_MS,
+            )?,
+        };
         Ok(Settings {
             openai_base_url,
-            openai_organization: env
-                .get("OPENAI_ORGANIZATION")
-                .map(|v| header_token("OPENAI_ORGANIZATION", v))
-                .transpose()?,
-            openai_project: env
-                .get("OPENAI_PROJECT")
-                .map(|v| header_token("OPENAI_PROJECT", v))
-                .transpose()?,
+            openai_organization,
+            openai_project,
             openai_key,
             auth,
             allowed_models: env
@@ -239,6 +284,11 @@ impl Settings {
             function_name: env
                 .get("AWS_LAMBDA_FUNCTION_NAME")
                 .unwrap_or_else(|| "openai-lambda-proxy".into()),
+            upstreams,
+            fallback_after_failures: env.number("FALLBACK_AFTER_FAILURES", 2, 1, 20)? as u32,
+            model_fallbacks,
+            breaker,
+            skip_hopeless_attempts: env.flag("SKIP_HOPELESS_ATTEMPTS", true)?,
         })
     }
 }
@@ -285,20 +335,14 @@ fn header_token(setting: &'static str, value: String) -> Result<String, ConfigEr
     }
 }
 
-fn parse_base_url(raw: &str) -> Result<String, ConfigError> {
-    let url =
-        Url::parse(raw.trim()).map_err(|_| invalid("OPENAI_BASE_URL", "is not a valid URL"))?;
+/// An http(s) base URL with a host and no query or fragment, without its trailing slash.
+pub(crate) fn parse_base_url(setting: &'static str, raw: &str) -> Result<String, ConfigError> {
+    let url = Url::parse(raw.trim()).map_err(|_| invalid(setting, "is not a valid URL"))?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(invalid(
-            "OPENAI_BASE_URL",
-            "must be an http(s) URL with a host",
-        ));
+        return Err(invalid(setting, "must be an http(s) URL with a host"));
     }
     if url.query().is_some() || url.fragment().is_some() {
-        return Err(invalid(
-            "OPENAI_BASE_URL",
-            "must not carry a query or fragment",
-        ));
+        return Err(invalid(setting, "must not carry a query or fragment"));
     }
     Ok(url.as_str().trim_end_matches('/').to_owned())
 }
@@ -351,6 +395,15 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
                 problem: format!("is out of range (allowed {min}..={max})"),
             }),
             Err(_) => Err(invalid(name, "is not a whole number")),
+        }
+    }
+
+    fn flag(&self, name: &'static str, default: bool) -> Result<bool, ConfigError> {
+        match self.get(name).map(|v| v.to_ascii_lowercase()).as_deref() {
+            None => Ok(default),
+            Some("true" | "1" | "yes" | "on") => Ok(true),
+            Some("false" | "0" | "no" | "off") => Ok(false),
+            Some(_) => Err(invalid(name, "must be `true` or `false`")),
         }
     }
 
@@ -411,6 +464,14 @@ mod tests {
             ("OPENAI_ORGANIZATION", "org-x\nInjected: yes"),
             ("OPENAI_PROJECT", "proj ünïcode"),
             ("OPENAI_API_KEY", "sk-with\u{7}bell"),
+            ("UPSTREAMS", "[{\"name\": \"secret-name!\"}]"),
+            ("UPSTREAMS", "not-json-secret"),
+            ("MODEL_FALLBACKS", "[\"secret-model\"]"),
+            ("FALLBACK_AFTER_FAILURES", "21"),
+            ("FALLBACK_AFTER_FAILURES", "twice"),
+            ("BREAKER_FAILURES", "-1"),
+            ("BREAKER_COOLDOWN_MS", "1000000"),
+            ("SKIP_HOPELESS_ATTEMPTS", "perhaps-secret"),
         ] {
             let mut pairs = MINIMAL.to_vec();
             pairs.retain(|(n, _)| *n != name);
@@ -419,6 +480,66 @@ mod tests {
             assert_eq!(err.setting, name);
             assert!(!err.to_string().contains(value), "{err} leaks {value}");
         }
+    }
+
+    #[test]
+    fn upstream_settings_default_to_the_single_openai_upstream() {
+        let s = settings(&[
+            ("OPENAI_API_KEY", "sk-test"),
+            ("PROXY_API_KEYS", "t"),
+            ("OPENAI_BASE_URL", "http://127.0.0.1:9/v1"),
+            ("OPENAI_ORGANIZATION", "org-1"),
+        ])
+        .unwrap();
+        let UpstreamsSource::List(list) = &s.upstreams else {
+            panic!("{:?}", s.upstreams)
+        };
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].name, "openai");
+        assert_eq!(list[0].base_url, "http://127.0.0.1:9/v1");
+        assert_eq!(list[0].kind, UpstreamKind::OpenAi);
+        assert!(matches!(list[0].key, KeySource::Env(ref k) if k == "sk-test"));
+        assert_eq!(list[0].organization.as_deref(), Some("org-1"));
+        assert_eq!(s.fallback_after_failures, 2);
+        assert_eq!(s.model_fallbacks.chain("gpt-4o"), ["gpt-4o"]);
+        assert_eq!(s.breaker, BreakerSettings::default());
+        assert_eq!((s.breaker.failures, s.breaker.cooldown_ms), (5, 10_000));
+        assert!(s.skip_hopeless_attempts);
+    }
+
+    #[test]
+    fn upstream_settings_are_read() {
+        let mut pairs = MINIMAL.to_vec();
+        pairs.extend([
+            (
+                "UPSTREAMS",
+                r#"[{"name":"a","base_url":"http://127.0.0.1:1/v1","api_key":"k1"},
+                    {"name":"b","base_url":"http://127.0.0.1:2/openai/v1","kind":"azure","api_key":"k2"}]"#,
+            ),
+            ("MODEL_FALLBACKS", r#"{"gpt-4o": ["gpt-4o-mini"]}"#),
+            ("FALLBACK_AFTER_FAILURES", "3"),
+            ("BREAKER_FAILURES", "0"),
+            ("BREAKER_COOLDOWN_MS", "2500"),
+            ("SKIP_HOPELESS_ATTEMPTS", "FALSE"),
+        ]);
+        let s = settings(&pairs).unwrap();
+        let UpstreamsSource::List(list) = &s.upstreams else {
+            panic!("{:?}", s.upstreams)
+        };
+        let names: Vec<&str> = list.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(list[1].kind, UpstreamKind::Azure);
+        assert_eq!(s.model_fallbacks.chain("gpt-4o"), ["gpt-4o", "gpt-4o-mini"]);
+        assert_eq!(s.fallback_after_failures, 3);
+        assert_eq!((s.breaker.failures, s.breaker.cooldown_ms), (0, 2500));
+        assert!(!s.skip_hopeless_attempts);
+        // The secret wins over the inline list, like OPENAI_API_KEY_SECRET_ARN does.
+        pairs.push((
+            "UPSTREAMS_SECRET_ARN",
+            "arn:aws:secretsmanager:us-east-1:1:secret:u",
+        ));
+        let s = settings(&pairs).unwrap();
+        assert!(matches!(s.upstreams, UpstreamsSource::SecretArn(_)));
     }
 
     #[test]

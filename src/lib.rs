@@ -12,5 +12,6 @@ pub mod retry;
 pub mod secrets;
 pub mod telemetry;
 pub mod upstream;
+pub mod upstreams;
 
 pub use edge::{Invocation, Proxy};
