@@ -43,6 +43,19 @@ pub struct Settings {
     pub model_fallbacks: ModelFallbacks,
     pub breaker: BreakerSettings,
     pub skip_hopeless_attempts: bool,
+    /// `INVOKE_MODE`: how Lambda is invoked (must match the function URL / REST integration).
+    pub invoke_mode: InvokeMode,
+    /// `STREAM_IDLE_TIMEOUT_MS`: a committed stream with no data for longer than this ends.
+    pub stream_idle_timeout_ms: u64,
+}
+
+/// `INVOKE_MODE` (spec §10).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InvokeMode {
+    /// One JSON response per invocation (API Gateway HTTP API, REST API, function URL `BUFFERED`).
+    Buffered,
+    /// Lambda's streaming HTTP integration format (prelude, 8 NUL bytes, body) for every invocation.
+    ResponseStream,
 }
 
 /// Where the server's OpenAI key comes from.
@@ -211,6 +224,17 @@ impl Settings {
                 "must be at most 255 characters and not start with `AWS/`",
             ));
         }
+        let invoke_mode = match env.get("INVOKE_MODE").as_deref() {
+            None => InvokeMode::Buffered,
+            Some(m) if m.eq_ignore_ascii_case("BUFFERED") => InvokeMode::Buffered,
+            Some(m) if m.eq_ignore_ascii_case("RESPONSE_STREAM") => InvokeMode::ResponseStream,
+            Some(_) => {
+                return Err(invalid(
+                    "INVOKE_MODE",
+                    "must be `BUFFERED` or `RESPONSE_STREAM`",
+                ));
+            }
+        };
         let retry_max_attempts = env.number("RETRY_MAX_ATTEMPTS", 5, 1, 20)? as u32;
         let deadline = DeadlineSettings::default();
         let openai_organization = env
@@ -289,6 +313,13 @@ impl Settings {
             model_fallbacks,
             breaker,
             skip_hopeless_attempts: env.flag("SKIP_HOPELESS_ATTEMPTS", true)?,
+            invoke_mode,
+            stream_idle_timeout_ms: env.number(
+                "STREAM_IDLE_TIMEOUT_MS",
+                crate::stream::DEFAULT_IDLE_TIMEOUT_MS,
+                1,
+                FIFTEEN_MINUTES_MS,
+            )?,
         })
     }
 }
@@ -447,6 +478,8 @@ mod tests {
         assert_eq!(s.fallback_timeout_ms, 30_000);
         assert_eq!(s.metrics_backend, MetricsBackend::CloudWatch);
         assert_eq!(s.metrics_namespace, "OpenAIProxy");
+        assert_eq!(s.invoke_mode, InvokeMode::Buffered);
+        assert_eq!(s.stream_idle_timeout_ms, 30_000);
         assert!(matches!(s.auth, ClientAuth::Tokens(ref t) if t == &["t1", "t2"]));
     }
 
@@ -472,6 +505,9 @@ mod tests {
             ("BREAKER_FAILURES", "-1"),
             ("BREAKER_COOLDOWN_MS", "1000000"),
             ("SKIP_HOPELESS_ATTEMPTS", "perhaps-secret"),
+            ("INVOKE_MODE", "STREAMING-secret"),
+            ("STREAM_IDLE_TIMEOUT_MS", "9999999"),
+            ("STREAM_IDLE_TIMEOUT_MS", "soon"),
         ] {
             let mut pairs = MINIMAL.to_vec();
             pairs.retain(|(n, _)| *n != name);
@@ -626,6 +662,22 @@ mod tests {
         assert!(is_own_host("http://[::1]:8080/v1", "[::1]:8080"));
         assert!(!is_own_host("https://api.openai.com/v1", ""));
         assert!(!is_own_host("https://api.openai.com/v1", "bad host header"));
+    }
+
+    #[test]
+    fn invoke_mode_accepts_lambdas_spelling_in_any_case() {
+        for (raw, mode) in [
+            ("RESPONSE_STREAM", InvokeMode::ResponseStream),
+            ("response_stream", InvokeMode::ResponseStream),
+            ("BUFFERED", InvokeMode::Buffered),
+        ] {
+            let mut pairs = MINIMAL.to_vec();
+            pairs.push(("INVOKE_MODE", raw));
+            assert_eq!(settings(&pairs).unwrap().invoke_mode, mode);
+        }
+        let mut pairs = MINIMAL.to_vec();
+        pairs.push(("STREAM_IDLE_TIMEOUT_MS", "5000"));
+        assert_eq!(settings(&pairs).unwrap().stream_idle_timeout_ms, 5000);
     }
 
     #[test]
