@@ -45,6 +45,19 @@ pub struct Settings {
     pub model_fallbacks: ModelFallbacks,
     pub breaker: BreakerSettings,
     pub skip_hopeless_attempts: bool,
+    /// `INVOKE_MODE`: how Lambda is invoked (must match the function URL / REST integration).
+    pub invoke_mode: InvokeMode,
+    /// `STREAM_IDLE_TIMEOUT_MS`: a committed stream with no data for longer than this ends.
+    pub stream_idle_timeout_ms: u64,
+}
+
+/// `INVOKE_MODE` (spec §10).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InvokeMode {
+    /// One JSON response per invocation (API Gateway HTTP API, REST API, function URL `BUFFERED`).
+    Buffered,
+    /// Lambda's streaming HTTP integration format (prelude, 8 NUL bytes, body) for every invocation.
+    ResponseStream,
 }
 
 /// Where the server's OpenAI key comes from.
@@ -216,6 +229,17 @@ impl Settings {
                 "must be at most 255 characters and not start with `AWS/`",
             ));
         }
+        let invoke_mode = match env.get("INVOKE_MODE").as_deref() {
+            None => InvokeMode::Buffered,
+            Some(m) if m.eq_ignore_ascii_case("BUFFERED") => InvokeMode::Buffered,
+            Some(m) if m.eq_ignore_ascii_case("RESPONSE_STREAM") => InvokeMode::ResponseStream,
+            Some(_) => {
+                return Err(invalid(
+                    "INVOKE_MODE",
+                    "must be `BUFFERED` or `RESPONSE_STREAM`",
+                ));
+            }
+        };
         let retry_max_attempts = env.number("RETRY_MAX_ATTEMPTS", 5, 1, 20)? as u32;
         let deadline = DeadlineSettings::default();
         let openai_organization = env
@@ -295,6 +319,13 @@ impl Settings {
             model_fallbacks,
             breaker,
             skip_hopeless_attempts: env.flag("SKIP_HOPELESS_ATTEMPTS", true)?,
+            invoke_mode,
+            stream_idle_timeout_ms: env.number(
+                "STREAM_IDLE_TIMEOUT_MS",
+                crate::stream::DEFAULT_IDLE_TIMEOUT_MS,
+                1,
+                FIFTEEN_MINUTES_MS,
+            )?,
         })
     }
 }
@@ -424,6 +455,8 @@ mod tests {
         assert_eq!(s.secrets_ttl_ms, 300_000);
         assert_eq!(s.metrics_backend, MetricsBackend::CloudWatch);
         assert_eq!(s.metrics_namespace, "OpenAIProxy");
+        assert_eq!(s.invoke_mode, InvokeMode::Buffered);
+        assert_eq!(s.stream_idle_timeout_ms, 30_000);
         assert!(matches!(s.auth, ClientAuth::Tokens(ref t) if t == &["t1", "t2"]));
     }
 
@@ -452,6 +485,9 @@ mod tests {
             ("BREAKER_FAILURES", "-1"),
             ("BREAKER_COOLDOWN_MS", "1000000"),
             ("SKIP_HOPELESS_ATTEMPTS", "perhaps-secret"),
+            ("INVOKE_MODE", "STREAMING-secret"),
+            ("STREAM_IDLE_TIMEOUT_MS", "9999999"),
+            ("STREAM_IDLE_TIMEOUT_MS", "soon"),
         ] {
             let mut pairs = MINIMAL.to_vec();
             pairs.retain(|(n, _)| *n != name);
@@ -542,6 +578,22 @@ mod tests {
         let s = settings(&pairs).unwrap();
         assert_eq!(s.attempt_timeout_ms, None);
         assert_eq!(s.openai_base_url, "http://127.0.0.1:9/v1");
+    }
+
+    #[test]
+    fn invoke_mode_accepts_lambdas_spelling_in_any_case() {
+        for (raw, mode) in [
+            ("RESPONSE_STREAM", InvokeMode::ResponseStream),
+            ("response_stream", InvokeMode::ResponseStream),
+            ("BUFFERED", InvokeMode::Buffered),
+        ] {
+            let mut pairs = MINIMAL.to_vec();
+            pairs.push(("INVOKE_MODE", raw));
+            assert_eq!(settings(&pairs).unwrap().invoke_mode, mode);
+        }
+        let mut pairs = MINIMAL.to_vec();
+        pairs.push(("STREAM_IDLE_TIMEOUT_MS", "5000"));
+        assert_eq!(settings(&pairs).unwrap().stream_idle_timeout_ms, 5000);
     }
 
     #[test]
