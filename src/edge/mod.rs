@@ -16,7 +16,7 @@ use tracing::Instrument;
 
 use crate::auth;
 use crate::budget::{Budget, DeadlineSettings, GatewayKind};
-use crate::config::{ConfigError, KeySource, Settings};
+use crate::config::{self, ConfigError, KeySource, Settings};
 use crate::retry::{
     AttemptOutcome, AttemptRecord, Decision, Engine, FailureKind, FastRandJitter, GiveUpReason,
     RetryPolicy, RetryRun, RunOutcome, SystemClock, TokioSleeper, UpstreamReply, epoch_ms,
@@ -260,6 +260,13 @@ impl Proxy {
             Err(e) => return config_error(summary, id, e.setting, &e.problem),
         };
         let settings = &ready.settings;
+        if ev
+            .header("host")
+            .is_some_and(|host| config::is_own_host(&settings.openai_base_url, host))
+        {
+            let problem = "points at this proxy itself (the host this request arrived on), so every request would call the function again; set it to the upstream's URL";
+            return config_error(summary, id, "OPENAI_BASE_URL", problem);
+        }
         let within = budget.time_left(epoch_ms());
 
         match self.secrets.proxy_tokens(&settings.auth, within).await {
