@@ -113,6 +113,10 @@ impl Proxy {
         if let Err(e) = &state {
             tracing::error!(setting = e.setting, problem = %e.problem, "configuration error: every proxied request will answer 500 config_error");
         }
+        let secrets = match &state {
+            Ok(r) => secrets.with_ttl_ms(r.settings.secrets_ttl_ms),
+            Err(_) => secrets,
+        };
         Proxy {
             state,
             secrets,

@@ -18,7 +18,6 @@ import copy
 import json
 import os
 import re
-import tomllib
 from functools import lru_cache
 from pathlib import Path
 
@@ -67,6 +66,8 @@ def load_template() -> dict:
 
 
 def load_samconfig() -> dict:
+    import tomllib  # Python >= 3.11
+
     with open(SAMCONFIG, "rb") as f:
         return tomllib.load(f)
 

@@ -34,6 +34,10 @@ def test_build_and_deploy_read_the_same_architecture():
     assert chosen == ["arm64"], "spec §9: arm64 by default"
     assert "Architecture" not in template.get("Parameters", {})
     # Nothing in samconfig.toml may feed an architecture to only one of the commands.
+    for env, commands in cfn.load_samconfig().items():
+        for command, section in commands.items() if isinstance(commands, dict) else []:
+            overrides = section.get("parameters", {}).get("parameter_overrides", "")
+            assert "Architecture" not in str(overrides), f"[{env}.{command}] overrides the architecture"
     assert "rchitecture" not in cfn.SAMCONFIG.read_text().split("version = ", 1)[1]
     # The build helper checks the artifact against the template's value, not an override.
     build = (ROOT / "tools/sam-build.sh").read_text()
@@ -97,11 +101,30 @@ def test_secret_arns_must_be_complete(param):
     assert not accepts(partial), "a partial ARN (no -XXXXXX suffix) must be refused"
     assert not accepts("arn:aws:secretsmanager:us-east-1:123456789012:secret:openai-proxy/openai-api-key")
     assert not accepts("openai-proxy/openai-api-key-AbCdEf"), "a bare name is not an ARN"
-    # And the policy grants exactly the ARN given.
-    grants = [
-        s for s in statements(role_of_function(render())) if "secretsmanager:GetSecretValue" in as_list(s["Action"])
-    ]
-    assert sorted(r for s in grants for r in as_list(s["Resource"])) == sorted(cfn.REQUIRED.values())
+
+
+def test_secret_grants_match_the_complete_arn_iam_checks():
+    """IAM evaluates GetSecretValue against the secret's complete ARN, whichever form the
+    function was given; the grants must match it (IAM wildcards: ? one character, * any)."""
+    from fnmatch import fnmatchcase
+
+    def granted(given: dict, actual_arn: str) -> bool:
+        grants = [
+            s for s in statements(role_of_function(render(given)))
+            if "secretsmanager:GetSecretValue" in as_list(s["Action"])
+        ]
+        return any(fnmatchcase(actual_arn, r) for s in grants for r in as_list(s["Resource"]))
+
+    prefix = "arn:aws:secretsmanager:us-east-1:123456789012:secret:"
+    tokens = prefix + "proxy-tokens-Q1w2E3"  # a name ending in "-" + 6 characters
+    for given in [tokens, prefix + "proxy-tokens"]:  # complete, and partial that looks complete
+        assert cfn.parameter_accepts("ProxyApiKeysSecretArn", given)
+        assert granted({"ProxyApiKeysSecretArn": given}, tokens), given
+    assert granted({}, cfn.OPENAI_SECRET) and granted({}, cfn.TOKENS_SECRET)
+    # Nothing else: not another secret sharing the prefix, not a longer name.
+    assert not granted({}, prefix + "openai-proxy/openai-api-key-old-XyZ123")
+    assert not granted({}, prefix + "openai-proxy/other-AbCdEf")
+    assert not granted({"ProxyApiKeysSecretArn": prefix + "proxy-tokens"}, prefix + "proxy-tokens-v2-Q1w2E3")
 
 
 # 5 ------------------------------------------------------------------------------------------
@@ -281,3 +304,24 @@ def test_secrets_ttl_reaches_the_function():
     assert function(render())["Environment"]["Variables"]["SECRETS_TTL_MS"] == "300000"
     env = function(render({"SecretsTtlMs": 60000}))["Environment"]["Variables"]
     assert env["SECRETS_TTL_MS"] == "60000"
+
+
+# the deploy docs match the template -----------------------------------------------------------
+def test_every_parameter_is_documented_with_its_environment_variable():
+    template = cfn.load_template()
+    deploy = (ROOT / "docs/deploy.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    env = template["Resources"]["ProxyFunction"]["Properties"]["Environment"]["Variables"]
+    env_of = {v["Ref"]: k for k, v in env.items() if isinstance(v, dict) and "Ref" in v}
+    rows = [line for line in deploy.splitlines() if line.startswith("| `")]
+    for name in template["Parameters"]:
+        assert f"`{name}`" in deploy or f"`{name}`" in readme, f"parameter {name} is not documented"
+        row = next((r for r in rows if f"`{name}`" in r.split("|")[1]), None)
+        if row and name in env_of:
+            assert f"`{env_of[name]}`" in row, f"docs/deploy.md's row for {name} does not name {env_of[name]}"
+    # And the README's defaults table agrees with the template's defaults where both state one.
+    for name, var in env_of.items():
+        default = str(template["Parameters"][name].get("Default", ""))
+        m = re.search(rf"^\| `{var}` \| `([^`]*)` \|", readme, re.M)
+        if m and default:
+            assert m.group(1) == default, f"README says {var} defaults to {m.group(1)}, template {default}"
