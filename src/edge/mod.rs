@@ -17,7 +17,7 @@ use tracing::Instrument;
 
 use crate::auth;
 use crate::budget::{Budget, DeadlineSettings, GatewayKind};
-use crate::config::{ConfigError, Settings};
+use crate::config::{self, ConfigError, DEFAULT_UPSTREAM, Settings};
 use crate::retry::{
     AttemptOutcome, AttemptRecord, Decision, FailureKind, GiveUpReason, RetryRun, RunOutcome,
     UpstreamReply, epoch_ms,
@@ -25,11 +25,11 @@ use crate::retry::{
 use crate::secrets::Secrets;
 use crate::telemetry::metrics::{InvocationMetrics, MetricsSink};
 use crate::upstream::{ForwardRequest, UpstreamClient};
-use crate::upstreams::MAX_UPSTREAMS;
 use crate::upstreams::breaker::Breakers;
 use crate::upstreams::latency::LatencyBook;
+use crate::upstreams::{MAX_UPSTREAMS, UpstreamsSource};
 use request::{BodyError, GatewayEvent};
-use response::{ErrorCode, ProxyResponse, UpstreamSummary, seconds};
+use response::{ErrorCode, LAMBDA_RESPONSE_LIMIT, ProxyResponse, UpstreamSummary, seconds};
 use routes::RouteKind;
 
 const STATUS_PAGE: &str = "https://status.openai.com";
@@ -110,7 +110,7 @@ impl Proxy {
         metrics: Box<dyn MetricsSink>,
     ) -> Proxy {
         let state = settings.and_then(|settings| {
-            UpstreamClient::new(settings.connect_timeout_ms)
+            UpstreamClient::new(settings.connect_timeout_ms, LAMBDA_RESPONSE_LIMIT)
                 .map(|upstream| Ready {
                     breakers: Breakers::new(settings.breaker, MAX_UPSTREAMS),
                     latency: LatencyBook::new(),
@@ -125,6 +125,10 @@ impl Proxy {
         if let Err(e) = &state {
             tracing::error!(setting = e.setting, problem = %e.problem, "configuration error: every proxied request will answer 500 config_error");
         }
+        let secrets = match &state {
+            Ok(r) => secrets.with_ttl_ms(r.settings.secrets_ttl_ms),
+            Err(_) => secrets,
+        };
         Proxy {
             state,
             secrets,
@@ -377,6 +381,22 @@ impl Proxy {
             Ok(list) => list,
             Err(e) => return config_error(summary, id, e.setting, &e.problem),
         };
+        if let Some(host) = ev.header("host")
+            && let Some(own) = list.iter().find(|u| config::is_own_host(&u.base_url, host))
+        {
+            let setting = match &settings.upstreams {
+                UpstreamsSource::List(l) if l.len() == 1 && l[0].name == DEFAULT_UPSTREAM => {
+                    "OPENAI_BASE_URL"
+                }
+                UpstreamsSource::List(_) => "UPSTREAMS",
+                UpstreamsSource::SecretArn(_) => "UPSTREAMS_SECRET_ARN",
+            };
+            let problem = format!(
+                "points at this proxy itself (upstream `{}` is the host this request arrived on), so every request would call the function again; set it to the upstream's URL",
+                own.name
+            );
+            return config_error(summary, id, setting, &problem);
+        }
         let keys = match self.upstream_keys(settings, &list, None, within).await {
             Ok(keys) => keys,
             Err(e) => return config_error(summary, id, e.setting, &e.problem),
@@ -483,6 +503,9 @@ fn respond(
             if let Some(ms) = reply.header("retry-after-ms") {
                 resp.set_header("retry-after-ms", ms);
             }
+            if reply.oversized || !resp.fits_lambda_limit() {
+                resp = too_large(&reply, upstream, &ids, id, summary);
+            }
             (resp, Some(reply))
         }
         RunOutcome::CircuitOpen { retry_after_ms } => {
@@ -578,6 +601,30 @@ fn circuit_open(
     let mut resp = ProxyResponse::error(code, message, Some(&upstream), id);
     resp.set_header("retry-after", secs.to_string());
     resp
+}
+
+/// 502 `upstream_response_too_large`: the upstream's final answer cannot be returned through
+/// Lambda. Retrying cannot help, so it is not retried (like every error, `x-should-retry: false`).
+fn too_large(
+    reply: &UpstreamReply,
+    upstream: UpstreamSummary,
+    ids: &str,
+    id: &str,
+    summary: &mut Summary,
+) -> ProxyResponse {
+    let code = ErrorCode::UpstreamResponseTooLarge;
+    summary.outcome = Outcome::UpstreamFailure;
+    summary.code = Some(code);
+    let status = AttemptOutcome::Reply(reply.clone()).describe();
+    let upstream = UpstreamSummary {
+        last_error: Some(format!("{status}: answer too large")),
+        ..upstream
+    };
+    let message = format!(
+        "OpenAI's answer ({status}) is larger than the {} MB a Lambda function can return, so the proxy read no further and cannot pass it on. Ask for less in one request (fewer inputs per embeddings request, encoding_format \"base64\" for embeddings, a lower max_tokens). Upstream request ids: {ids}.",
+        LAMBDA_RESPONSE_LIMIT / 1_000_000
+    );
+    ProxyResponse::error(code, message, Some(&upstream), id)
 }
 
 /// The §5 code and message after the engine gave up: 504 only when the deadline cut an attempt
