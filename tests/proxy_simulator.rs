@@ -1,5 +1,18 @@
 //! The real handler in process against the OpenAI simulator on 127.0.0.1, with real time and
 //! short deadlines: the retry and deadline behaviour a caller sees, and the logs it leaves.
+//!
+//! Wall-clock bounds are wide on purpose: `make test` runs on loaded 2-core machines where a
+//! ready task can wait hundreds of milliseconds for a thread. So each timing assertion checks
+//! what a caller relies on, with room for that:
+//! - "answered before the deadline" is checked against the deadline plus `DEADLINE_MARGIN_MS`
+//!   (what spec §4 promises); the harness's margin is [`MARGIN_MS`], which absorbs the scheduling
+//!   delays, as the margin does on a real Lambda;
+//! - "answered at once" is checked against a bound far below the wait a wrong decision would
+//!   cost (a 40 s `Retry-After`, the remaining budget), and the exact decision (delay chosen,
+//!   reason) is read from the `upstream attempt` log line, which does not depend on load.
+//!
+//! The retry engine's timing itself is tested to the millisecond in virtual time
+//! (`src/retry/engine.rs`).
 
 mod support;
 
@@ -31,6 +44,14 @@ struct Harness {
     logs: LogCheck,
 }
 
+/// The harness's `DEADLINE_MARGIN_MS`: the deadline is [`GATEWAY_MS`] − this after the event's
+/// gateway start, and every answer must be back by [`GATEWAY_MS`] (spec §4).
+const MARGIN_MS: u64 = 1_000;
+/// The harness's `GATEWAY_TIMEOUT_MS`.
+const GATEWAY_MS: u64 = 4_000;
+/// The harness's deadline, counted from the event's gateway start.
+const DEADLINE_MS: u64 = GATEWAY_MS - MARGIN_MS;
+
 /// Fast retries so real-time tests stay short; the deadline comes from GATEWAY_TIMEOUT_MS.
 async fn harness(script: &str, extra: &[(&str, &str)]) -> Harness {
     let logs = logs::check(&NEVER_LOGGED);
@@ -42,8 +63,8 @@ async fn harness(script: &str, extra: &[(&str, &str)]) -> Harness {
         ("RETRY_BASE_DELAY_MS", "100"),
         ("RETRY_MAX_DELAY_MS", "400"),
         ("MIN_ATTEMPT_MS", "200"),
-        ("DEADLINE_MARGIN_MS", "200"),
-        ("GATEWAY_TIMEOUT_MS", "3000"),
+        ("DEADLINE_MARGIN_MS", "1000"),
+        ("GATEWAY_TIMEOUT_MS", "4000"),
         ("METRICS_BACKEND", "none"),
     ];
     // `extra` comes last, so it overrides the defaults (and may override OPENAI_BASE_URL).
@@ -82,7 +103,11 @@ struct Answer {
     status: u16,
     headers: serde_json::Map<String, Value>,
     body: String,
+    /// From the call of the handler to its answer.
     elapsed_ms: u64,
+    /// From the event's gateway start time (`timeEpoch` / `requestTimeEpoch`), the clock the
+    /// deadline counts from, to the answer.
+    since_gateway_ms: u64,
     request_id: String,
 }
 
@@ -98,14 +123,21 @@ impl Answer {
 /// Invokes the handler with a real Lambda deadline `lambda_ms` from now.
 async fn invoke(h: &Harness, event: Value, lambda_ms: u64) -> Answer {
     let request_id = request_id("lambda-req");
+    let context = &event["requestContext"];
+    let gateway_start = context["timeEpoch"]
+        .as_u64()
+        .or(context["requestTimeEpoch"].as_u64())
+        .unwrap_or_else(now_ms);
     let started = Instant::now();
     let out = invoke_within(&h.proxy, event, &request_id, lambda_ms).await;
     let elapsed_ms = started.elapsed().as_millis() as u64;
+    let since_gateway_ms = now_ms().saturating_sub(gateway_start);
     Answer {
         status: support::events::status(&out) as u16,
         headers: out["headers"].as_object().cloned().unwrap_or_default(),
         body: out["body"].as_str().unwrap_or_default().to_owned(),
         elapsed_ms,
+        since_gateway_ms,
         request_id,
     }
 }
@@ -137,11 +169,11 @@ async fn a_persistent_503_ends_in_a_clear_502_before_the_deadline() {
     h.sim.set_default(parse_script("503").unwrap().remove(0));
     let a = chat(&h, json!({})).await;
     assert_eq!(a.status, 502, "{}", a.body);
-    // Gateway deadline 3000 ms from the event's start, minus the 200 ms margin.
+    // Back before the gateway would time out: deadline + margin after the event's start.
     assert!(
-        a.elapsed_ms < 2_800 + 150,
-        "answered after {} ms",
-        a.elapsed_ms
+        a.since_gateway_ms < DEADLINE_MS + MARGIN_MS,
+        "answered {} ms after the gateway start",
+        a.since_gateway_ms
     );
     let e = &a.json()["error"];
     assert_eq!(e["code"], "upstream_unavailable");
@@ -177,10 +209,12 @@ async fn a_hang_ends_in_504_before_the_deadline() {
     let h = harness("hang", &[]).await;
     let a = chat(&h, json!({})).await;
     assert_eq!(a.status, 504, "{}", a.body);
+    // The one attempt waited until the deadline (timers never fire early; 100 ms for clock
+    // rounding), and the answer was back before deadline + margin.
     assert!(
-        (2_600..2_800 + 150).contains(&a.elapsed_ms),
-        "answered after {} ms",
-        a.elapsed_ms
+        (DEADLINE_MS - 100..DEADLINE_MS + MARGIN_MS).contains(&a.since_gateway_ms),
+        "answered {} ms after the gateway start",
+        a.since_gateway_ms
     );
     let e = &a.json()["error"];
     assert_eq!(e["code"], "upstream_timeout");
@@ -191,14 +225,15 @@ async fn a_hang_ends_in_504_before_the_deadline() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_lambda_deadline_bounds_the_run_too() {
-    // No gateway limit (function URL), a real Lambda deadline 1.5 s away.
+    // No gateway limit (function URL), a real Lambda deadline 2.5 s away: the run ends at
+    // 2.5 s − margin, and the answer is back before Lambda's own deadline.
     let h = harness("hang", &[("GATEWAY_TIMEOUT_MS", "")]).await;
     let mut event = chat_event(json!({}), 0);
     event["requestContext"]["domainName"] = json!("abc.lambda-url.us-east-1.on.aws");
-    let a = invoke(&h, event, 1_500).await;
+    let a = invoke(&h, event, 2_500).await;
     assert_eq!(a.status, 504);
     assert!(
-        a.elapsed_ms < 1_500 - 200 + 150,
+        (2_500 - MARGIN_MS - 100..2_500).contains(&a.elapsed_ms),
         "answered after {} ms",
         a.elapsed_ms
     );
@@ -211,9 +246,17 @@ async fn a_429_with_retry_after_ms_is_waited_out() {
     assert_eq!(a.status, 200, "{}", a.body);
     let r = h.sim.requests();
     assert_eq!(r.len(), 2);
+    // Honoured as asked, not jittered (and not the 100 ms backoff): the delay the engine chose,
+    // from its log line, and the wall-clock gap the simulator saw (at least that long; the upper
+    // bound only says it did not wait for something else, such as the deadline).
+    let first = h
+        .logs
+        .capture()
+        .lines_with(&a.request_id, "upstream attempt")
+        .remove(0);
+    assert_eq!(first["next_delay_ms"], 600, "{first}");
     let waited = r[1].received_at_ms - r[0].received_at_ms;
-    // Honoured as asked, not jittered (and not the 100 ms backoff).
-    assert!((600..900).contains(&waited), "waited {waited} ms");
+    assert!((600..DEADLINE_MS).contains(&waited), "waited {waited} ms");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -221,7 +264,18 @@ async fn a_429_asking_to_wait_past_the_deadline_is_answered_at_once() {
     let h = harness("429:ra=40", &[]).await;
     let a = chat(&h, json!({})).await;
     assert_eq!(a.status, 429, "{}", a.body);
-    assert!(a.elapsed_ms < 500, "answered after {} ms", a.elapsed_ms);
+    // At once: no sleep towards the 40 s, nor until the 3 s deadline (one attempt, below).
+    assert!(a.elapsed_ms < 1_500, "answered after {} ms", a.elapsed_ms);
+    let attempt = h
+        .logs
+        .capture()
+        .lines_with(&a.request_id, "upstream attempt")
+        .remove(0);
+    assert_eq!(
+        (&attempt["decision"], &attempt["next_delay_ms"]),
+        (&json!("give_up"), &Value::Null),
+        "{attempt}"
+    );
     assert_eq!(a.json()["error"]["code"], "upstream_rate_limited");
     assert_eq!(a.header("retry-after"), Some("40"));
     assert_eq!(a.header("x-should-retry"), Some("false"));
@@ -292,6 +346,87 @@ async fn an_unreachable_upstream_is_a_502_naming_connect_errors() {
     assert_eq!(e["upstream"]["attempts"], 5);
 }
 
+/// A 127.0.0.1 address that completes no TCP handshake: a listener with a backlog of 0 that
+/// never accepts, its queue filled by connections opened here (Linux then drops further SYNs).
+/// Keep the returned listener and connections alive for as long as the address is used.
+async fn silent_upstream() -> (String, tokio::net::TcpListener, Vec<tokio::net::TcpStream>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    loop {
+        let connect = tokio::net::TcpStream::connect(addr);
+        match tokio::time::timeout(std::time::Duration::from_millis(300), connect).await {
+            Ok(stream) => fillers.push(stream.unwrap()),
+            Err(_) => break,
+        }
+        assert!(fillers.len() < 64, "the accept queue never filled");
+    }
+    (format!("http://{addr}/v1"), listener, fillers)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_handshake_that_never_completes_is_a_retried_connect_error() {
+    let (url, _listener, _fillers) = silent_upstream().await;
+    let settings = [
+        ("OPENAI_BASE_URL", url.as_str()),
+        ("CONNECT_TIMEOUT_MS", "300"),
+        ("RETRY_MAX_ATTEMPTS", "3"),
+    ];
+    let h = harness("ok", &settings).await;
+    let a = chat(&h, json!({})).await;
+    // Not a 504 after one connect timeout: three connect errors, well within the 2.8 s budget.
+    assert_eq!(a.status, 502, "{}", a.body);
+    assert!(a.elapsed_ms < 2_000, "answered after {} ms", a.elapsed_ms);
+    let e = &a.json()["error"];
+    assert_eq!(e["code"], "upstream_unavailable");
+    assert_eq!(e["upstream"]["attempts"], 3);
+    assert_eq!(a.header("x-upstream-attempts"), Some("3"));
+    let last = e["upstream"]["last_error"].as_str().unwrap();
+    assert!(last.starts_with("connect_error"), "{last}");
+    let msg = e["message"].as_str().unwrap();
+    assert!(
+        msg.contains("3 attempts") && msg.contains("RETRY_MAX_ATTEMPTS"),
+        "{msg}"
+    );
+    assert_eq!(a.header("x-should-retry"), Some("false"));
+    let lines = h.logs.capture().lines_for(&a.request_id);
+    let kinds: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["message"] == "upstream attempt")
+        .map(|l| &l["error_kind"])
+        .collect();
+    assert_eq!(kinds, [&json!("connect_error"); 3]);
+
+    // With attempts to spare, it keeps trying until too little budget is left for another one.
+    // MIN_ATTEMPT_MS above CONNECT_TIMEOUT_MS: every attempt ends in its connect timeout.
+    let settings = [
+        ("OPENAI_BASE_URL", url.as_str()),
+        ("CONNECT_TIMEOUT_MS", "300"),
+        ("MIN_ATTEMPT_MS", "400"),
+        ("RETRY_MAX_ATTEMPTS", "20"),
+    ];
+    let h = harness("ok", &settings).await;
+    let a = chat(&h, json!({})).await;
+    assert_eq!(a.status, 502, "{}", a.body);
+    assert!(
+        a.elapsed_ms < 2_800 + 150,
+        "answered after {} ms",
+        a.elapsed_ms
+    );
+    let e = &a.json()["error"];
+    assert_eq!(e["code"], "upstream_unavailable");
+    let attempts = e["upstream"]["attempts"].as_u64().unwrap();
+    assert!((4..20).contains(&attempts), "{attempts} attempts");
+    assert_eq!(
+        a.header("x-upstream-attempts"),
+        Some(attempts.to_string().as_str())
+    );
+    let msg = e["message"].as_str().unwrap();
+    assert!(msg.contains("too little of the proxy's"), "{msg}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn upstream_auth_failures_are_the_servers_fault() {
     let h = harness("401", &[]).await;
@@ -348,21 +483,35 @@ async fn a_rest_event_27_seconds_old_answers_at_once() {
     event["requestContext"]["requestTimeEpoch"] = json!(now_ms() - 27_000);
     let a = invoke(&h, event, 60_000).await;
     assert_eq!(a.status, 502, "{}", a.body);
-    assert!(a.elapsed_ms < 300, "answered after {} ms", a.elapsed_ms);
+    // At once: the engine gave up without a backoff sleep (its log line says so exactly), and
+    // the answer was back within the 1.5 s left.
+    assert!(a.elapsed_ms < 1_500, "answered after {} ms", a.elapsed_ms);
+    let attempt = h
+        .logs
+        .capture()
+        .lines_with(&a.request_id, "upstream attempt")
+        .remove(0);
+    assert_eq!(
+        (&attempt["decision"], &attempt["next_delay_ms"]),
+        (&json!("give_up"), &Value::Null),
+        "{attempt}"
+    );
     assert_eq!(a.json()["error"]["upstream"]["attempts"], 1);
     assert!(
         a.json()["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("budget exhausted")
+            .contains("time budget was left for another attempt")
     );
     let finished = h
         .logs
         .capture()
         .lines_with(&a.request_id, "request finished")
         .remove(0);
+    // 29 s − 27 s − 500 ms; the lower bound leaves 500 ms for the handler to start reading the
+    // clock after the event was built.
     assert!(
-        (1_400..=1_500).contains(&finished["budget_ms"].as_u64().unwrap()),
+        (1_000..=1_500).contains(&finished["budget_ms"].as_u64().unwrap()),
         "{finished}"
     );
     // And when there is not even time for one attempt, the upstream is not called.
@@ -372,6 +521,14 @@ async fn a_rest_event_27_seconds_old_answers_at_once() {
     assert_eq!(a.status, 504);
     assert_eq!(a.json()["error"]["upstream"]["attempts"], 0);
     assert!(h2.sim.requests().is_empty());
+    // The message agrees with `x-should-retry: false`: it does not invite a retry.
+    assert_eq!(a.header("x-should-retry"), Some("false"));
+    let msg = a.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_lowercase();
+    assert!(msg.contains("openai was not called"), "{msg}");
+    assert!(!msg.contains("retry the request"), "{msg}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
