@@ -304,3 +304,24 @@ def test_secrets_ttl_reaches_the_function():
     assert function(render())["Environment"]["Variables"]["SECRETS_TTL_MS"] == "300000"
     env = function(render({"SecretsTtlMs": 60000}))["Environment"]["Variables"]
     assert env["SECRETS_TTL_MS"] == "60000"
+
+
+# the deploy docs match the template -----------------------------------------------------------
+def test_every_parameter_is_documented_with_its_environment_variable():
+    template = cfn.load_template()
+    deploy = (ROOT / "docs/deploy.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    env = template["Resources"]["ProxyFunction"]["Properties"]["Environment"]["Variables"]
+    env_of = {v["Ref"]: k for k, v in env.items() if isinstance(v, dict) and "Ref" in v}
+    rows = [line for line in deploy.splitlines() if line.startswith("| `")]
+    for name in template["Parameters"]:
+        assert f"`{name}`" in deploy or f"`{name}`" in readme, f"parameter {name} is not documented"
+        row = next((r for r in rows if f"`{name}`" in r.split("|")[1]), None)
+        if row and name in env_of:
+            assert f"`{env_of[name]}`" in row, f"docs/deploy.md's row for {name} does not name {env_of[name]}"
+    # And the README's defaults table agrees with the template's defaults where both state one.
+    for name, var in env_of.items():
+        default = str(template["Parameters"][name].get("Default", ""))
+        m = re.search(rf"^\| `{var}` \| `([^`]*)` \|", readme, re.M)
+        if m and default:
+            assert m.group(1) == default, f"README says {var} defaults to {m.group(1)}, template {default}"
