@@ -38,8 +38,9 @@ def logged_keys(sim) -> set[str]:
 def test_every_query_reads_only_fields_the_function_logs(logged_keys):
     queries = all_queries(cfn.load_template())
     assert len(queries) >= 6
-    for name, query in queries.items():
-        fields = query_fields(query)
-        assert fields, name
+    read = {name: query_fields(query) for name, query in queries.items()}
+    # Only the cold-start query reads nothing of ours (Lambda's own REPORT records).
+    assert sum(not fields for fields in read.values()) <= 1, read
+    for name, fields in read.items():
         missing = fields - logged_keys
         assert not missing, f"{name} reads fields the function never logs: {sorted(missing)}"
