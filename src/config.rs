@@ -33,6 +33,8 @@ pub struct Settings {
     pub attempt_timeout_ms: Option<u64>,
     pub gateway_timeout_ms: Option<u64>,
     pub fallback_timeout_ms: u64,
+    /// `SECRETS_TTL_MS`: keys and tokens from Secrets Manager are read again once this old.
+    pub secrets_ttl_ms: u64,
     pub metrics_backend: MetricsBackend,
     pub metrics_namespace: String,
     /// `AWS_LAMBDA_FUNCTION_NAME`, the metrics dimension.
@@ -303,6 +305,8 @@ impl Settings {
                 1,
                 FIFTEEN_MINUTES_MS,
             )?,
+            // Below a second, every request could read Secrets Manager.
+            secrets_ttl_ms: env.number("SECRETS_TTL_MS", 300_000, 1_000, FIFTEEN_MINUTES_MS)?,
             metrics_backend,
             metrics_namespace,
             function_name: env
@@ -476,6 +480,7 @@ mod tests {
         assert_eq!(s.connect_timeout_ms, 2000);
         assert_eq!((s.attempt_timeout_ms, s.gateway_timeout_ms), (None, None));
         assert_eq!(s.fallback_timeout_ms, 30_000);
+        assert_eq!(s.secrets_ttl_ms, 300_000);
         assert_eq!(s.metrics_backend, MetricsBackend::CloudWatch);
         assert_eq!(s.metrics_namespace, "OpenAIProxy");
         assert_eq!(s.invoke_mode, InvokeMode::Buffered);
@@ -494,6 +499,9 @@ mod tests {
             ("OPENAI_BASE_URL", "ftp://example.com"),
             ("AUTH_MODE", "maybe"),
             ("CONNECT_TIMEOUT_MS", "-5"),
+            ("SECRETS_TTL_MS", "5m"),
+            ("SECRETS_TTL_MS", "999"),
+            ("SECRETS_TTL_MS", "900001"),
             ("OPENAI_ORGANIZATION", "org-x\nInjected: yes"),
             ("OPENAI_PROJECT", "proj ünïcode"),
             ("OPENAI_API_KEY", "sk-with\u{7}bell"),
