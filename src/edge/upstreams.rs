@@ -111,7 +111,15 @@ impl Proxy {
         };
         let names = router.names.clone();
         let run_with = |keys: Vec<Arc<str>>, offset: u32| {
-            let (engine, router, names) = (&engine, &router, &names);
+            let (router, names) = (&router, &names);
+            // A run after a key refresh spends from the same RETRY_MAX_ATTEMPTS (and deadline).
+            let engine = Engine {
+                policy: RetryPolicy {
+                    max_attempts: engine.policy.max_attempts.saturating_sub(offset),
+                    ..engine.policy
+                },
+                ..engine
+            };
             async move {
                 engine
                     .run_routed(
@@ -149,11 +157,18 @@ impl Proxy {
             );
             return run;
         }
+        let offset = run.attempts.len() as u32;
+        if offset >= settings.retry_max_attempts {
+            tracing::warn!(
+                upstream = %req.list[rejected].name,
+                "upstream rejected the key (401); read a new one from Secrets Manager for the next request (no attempt left for this one)"
+            );
+            return run;
+        }
         tracing::warn!(
             upstream = %req.list[rejected].name,
             "upstream rejected the key (401); read it again from Secrets Manager and retrying once"
         );
-        let offset = run.attempts.len() as u32;
         let second = run_with(fresh, offset).await;
         if matches!(second.outcome, RunOutcome::NoTimeToStart { .. }) {
             return run;
