@@ -26,7 +26,7 @@ use crate::telemetry::logs;
 use crate::telemetry::metrics::{InvocationMetrics, MetricsSink};
 use crate::upstream::{ForwardRequest, UpstreamClient};
 use request::{BodyError, GatewayEvent};
-use response::{ErrorCode, ProxyResponse, UpstreamSummary, seconds};
+use response::{ErrorCode, LAMBDA_RESPONSE_LIMIT, ProxyResponse, UpstreamSummary, seconds};
 use routes::{Route, RouteKind};
 
 const STATUS_PAGE: &str = "https://status.openai.com";
@@ -112,12 +112,16 @@ impl Proxy {
         metrics: Box<dyn MetricsSink>,
     ) -> Proxy {
         let state = settings.and_then(|settings| {
-            UpstreamClient::new(&settings.openai_base_url, settings.connect_timeout_ms)
-                .map(|upstream| Ready { settings, upstream })
-                .map_err(|_| ConfigError {
-                    setting: "OPENAI_BASE_URL",
-                    problem: "could not be used to build the HTTP client".into(),
-                })
+            UpstreamClient::new(
+                &settings.openai_base_url,
+                settings.connect_timeout_ms,
+                LAMBDA_RESPONSE_LIMIT,
+            )
+            .map(|upstream| Ready { settings, upstream })
+            .map_err(|_| ConfigError {
+                setting: "OPENAI_BASE_URL",
+                problem: "could not be used to build the HTTP client".into(),
+            })
         });
         if let Err(e) = &state {
             tracing::error!(setting = e.setting, problem = %e.problem, "configuration error: every proxied request will answer 500 config_error");
@@ -600,6 +604,9 @@ fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> P
             if let Some(ms) = reply.header("retry-after-ms") {
                 resp.set_header("retry-after-ms", ms);
             }
+            if reply.oversized || !resp.fits_lambda_limit() {
+                resp = too_large(&reply, upstream, &ids, id, summary);
+            }
             (resp, Some(reply))
         }
         RunOutcome::GaveUp {
@@ -660,6 +667,30 @@ fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> P
         pass_through_headers(&reply, &mut resp);
     }
     resp
+}
+
+/// 502 `upstream_response_too_large`: the upstream's final answer cannot be returned through
+/// Lambda. Retrying cannot help, so it is not retried (like every error, `x-should-retry: false`).
+fn too_large(
+    reply: &UpstreamReply,
+    upstream: UpstreamSummary,
+    ids: &str,
+    id: &str,
+    summary: &mut Summary,
+) -> ProxyResponse {
+    let code = ErrorCode::UpstreamResponseTooLarge;
+    summary.outcome = Outcome::UpstreamFailure;
+    summary.code = Some(code);
+    let status = AttemptOutcome::Reply(reply.clone()).describe();
+    let upstream = UpstreamSummary {
+        last_error: Some(format!("{status}: answer too large")),
+        ..upstream
+    };
+    let message = format!(
+        "OpenAI's answer ({status}) is larger than the {} MB a Lambda function can return, so the proxy read no further and cannot pass it on. Ask for less in one request (fewer inputs per embeddings request, encoding_format \"base64\" for embeddings, a lower max_tokens). Upstream request ids: {ids}.",
+        LAMBDA_RESPONSE_LIMIT / 1_000_000
+    );
+    ProxyResponse::error(code, message, Some(&upstream), id)
 }
 
 /// The §5 code and message after the engine gave up: 504 only when the deadline cut an attempt
