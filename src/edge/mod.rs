@@ -457,7 +457,7 @@ impl Proxy {
     }
 
     /// Runs the retry engine; after an upstream 401 with a key from Secrets Manager, fetches the
-    /// key again once (rotation) and retries with what is left of the budget.
+    /// key again once (rotation) and retries with what is left of the attempts and the budget.
     async fn call_upstream(
         &self,
         ready: &Ready,
@@ -512,10 +512,28 @@ impl Proxy {
             );
             return run;
         }
+        // The retry with the new key spends from the same RETRY_MAX_ATTEMPTS (and deadline).
+        let offset = run.attempts.len() as u32;
+        let Some(left) = settings
+            .retry_max_attempts
+            .checked_sub(offset)
+            .filter(|n| *n > 0)
+        else {
+            tracing::warn!(
+                "upstream rejected the OpenAI key (401); fetched a new one from Secrets Manager for the next request (no attempt left for this one)"
+            );
+            return run;
+        };
         tracing::warn!(
             "upstream rejected the OpenAI key (401); fetched it again from Secrets Manager and retrying once"
         );
-        let offset = run.attempts.len() as u32;
+        let engine = Engine {
+            policy: RetryPolicy {
+                max_attempts: left,
+                ..engine.policy
+            },
+            ..engine
+        };
         let second = engine
             .run(
                 budget.deadline_ms,
