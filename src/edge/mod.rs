@@ -193,6 +193,9 @@ impl Proxy {
             code: Some(ErrorCode::InternalError),
             outcome: Outcome::InternalError,
             attempts: Vec::new(),
+            switches: 0,
+            circuit_open: false,
+            skipped: 0,
         };
         let gateway = parsed.as_ref().map(|(kind, start, _)| (*kind, *start));
         let budget = self.budget(&invocation, gateway, ending.started);
