@@ -5,6 +5,7 @@
 pub mod request;
 pub mod response;
 pub mod routes;
+pub mod streaming;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,8 +23,9 @@ use crate::retry::{
     RetryPolicy, RetryRun, RunOutcome, SystemClock, TokioSleeper, UpstreamReply, epoch_ms,
 };
 use crate::secrets::Secrets;
+use crate::stream::StreamOutcome;
 use crate::telemetry::metrics::{InvocationMetrics, MetricsSink};
-use crate::upstream::{ForwardRequest, UpstreamClient};
+use crate::upstream::{ForwardRequest, LiveStream, UpstreamClient};
 use request::{BodyError, GatewayEvent};
 use response::{ErrorCode, ProxyResponse, UpstreamSummary, seconds};
 use routes::{Route, RouteKind};
@@ -90,6 +92,29 @@ struct Summary {
     code: Option<ErrorCode>,
     outcome: Outcome,
     attempts: Vec<AttemptRecord>,
+    /// The answer may be streamed for real (`RESPONSE_STREAM`, a `"stream": true` request on a
+    /// streaming route).
+    may_stream: bool,
+    /// The committed upstream stream, still to be forwarded.
+    live: Option<LiveStream>,
+}
+
+/// An event answered, before rendering (the response and what the log line needs).
+struct Answered {
+    kind: Option<GatewayKind>,
+    resp: ProxyResponse,
+    summary: Summary,
+    budget: Budget,
+    started: u64,
+    cold_start: bool,
+    request_id: String,
+}
+
+/// How a stream went, for `request finished` (spec §10).
+struct StreamLog {
+    first_byte_ms: Option<u64>,
+    bytes: u64,
+    outcome: StreamOutcome,
 }
 
 impl Proxy {
@@ -149,6 +174,39 @@ impl Proxy {
 
     /// Answers one event (no panic guard; see [`Proxy::handle_event`]).
     pub async fn handle(&self, event: &Value, invocation: &Invocation) -> Value {
+        let done = self.answer(event, invocation, false).await;
+        self.finished(&done, None);
+        render(done.kind, done.resp)
+    }
+
+    /// Logs `request finished` and records the metrics, once the answer is complete.
+    fn finished(&self, done: &Answered, stream: Option<&StreamLog>) {
+        let elapsed_ms = epoch_ms().saturating_sub(done.started);
+        let summary = &done.summary;
+        log_finished(
+            summary,
+            &done.resp,
+            elapsed_ms,
+            &done.budget,
+            done.cold_start,
+            stream,
+        );
+        if summary.outcome != Outcome::Health {
+            let failed = summary.code.is_some_and(ErrorCode::is_upstream_failure);
+            let mut m =
+                InvocationMetrics::from_attempts(&summary.attempts, failed, done.cold_start);
+            if let Some(s) = stream {
+                m.time_to_first_byte_ms = s.first_byte_ms.map(|ms| ms as f64);
+                m.streams_interrupted = u64::from(s.outcome.is_interrupted());
+            }
+            self.metrics.record(&done.request_id, m);
+        }
+    }
+
+    /// The answer to one event; `may_stream`: a `"stream": true` request may be committed to a
+    /// real stream (then `summary.live` holds it and `resp` carries the prelude's status and
+    /// headers).
+    async fn answer(&self, event: &Value, invocation: &Invocation, may_stream: bool) -> Answered {
         let started = epoch_ms();
         let cold_start = self.cold_start.swap(false, Ordering::Relaxed);
         let id = invocation.request_id.as_str();
@@ -168,6 +226,8 @@ impl Proxy {
             code: None,
             outcome: Outcome::Rejected,
             attempts: Vec::new(),
+            may_stream,
+            live: None,
         };
         let resp = match &parsed {
             Some(ev) => self.serve(ev, id, &budget, &mut summary).await,
@@ -181,17 +241,15 @@ impl Proxy {
                 )
             }
         };
-        let resp = finish_headers(resp, id);
-        let elapsed_ms = epoch_ms().saturating_sub(started);
-        log_finished(&summary, &resp, elapsed_ms, &budget, cold_start);
-        if summary.outcome != Outcome::Health {
-            let failed = summary.code.is_some_and(ErrorCode::is_upstream_failure);
-            self.metrics.record(
-                id,
-                InvocationMetrics::from_attempts(&summary.attempts, failed, cold_start),
-            );
+        Answered {
+            kind: parsed.map(|e| e.kind),
+            resp: finish_headers(resp, id),
+            summary,
+            budget,
+            started,
+            cold_start,
+            request_id: id.to_owned(),
         }
-        render(parsed.map(|e| e.kind), resp)
     }
 
     fn warn_about_emulators(&self, budget: &Budget, invocation: &Invocation) {
@@ -309,6 +367,8 @@ impl Proxy {
                     "Request body must be a JSON object.".into(),
                 );
             };
+            summary.may_stream &=
+                route.streams() && object.get("stream") == Some(&Value::Bool(true));
             match object.get("model") {
                 Some(Value::String(m)) => summary.model = Some(m.clone()),
                 None if !model_required => {}
@@ -371,6 +431,7 @@ impl Proxy {
             organization: settings.openai_organization.clone(),
             project: settings.openai_project.clone(),
         };
+        let live = std::sync::Mutex::new(None);
         let run = self
             .call_upstream(
                 ready,
@@ -379,13 +440,19 @@ impl Proxy {
                 key,
                 budget,
                 summary.model.as_deref(),
+                summary.may_stream.then_some(&live),
             )
             .await;
+        if matches!(&run.outcome, RunOutcome::Answer(r) if (200..300).contains(&r.status)) {
+            summary.live = live.into_inner().unwrap_or_else(|e| e.into_inner());
+        }
         respond(run, id, budget, summary)
     }
 
     /// Runs the retry engine; after an upstream 401 with a key from Secrets Manager, fetches the
-    /// key again once (rotation) and retries with what is left of the budget.
+    /// key again once (rotation) and retries with what is left of the budget. With `live`, each
+    /// attempt may commit to a stream (spec §10); the last committed one is left there.
+    #[allow(clippy::too_many_arguments)]
     async fn call_upstream(
         &self,
         ready: &Ready,
@@ -394,6 +461,7 @@ impl Proxy {
         key: Arc<str>,
         budget: &Budget,
         model: Option<&str>,
+        live: Option<&std::sync::Mutex<Option<LiveStream>>>,
     ) -> RetryRun {
         let (settings, client) = (&ready.settings, &ready.upstream);
         let engine = Engine {
@@ -408,7 +476,15 @@ impl Proxy {
         let attempt_with = |key: Arc<str>| {
             move |plan: crate::retry::AttemptPlan| {
                 let key = key.clone();
-                async move { client.send(forward, &key, plan.timeout_ms).await }
+                async move {
+                    let Some(live) = live else {
+                        return client.send(forward, &key, plan.timeout_ms).await;
+                    };
+                    let (outcome, stream) =
+                        client.send_stream(forward, &key, plan.timeout_ms).await;
+                    *live.lock().unwrap_or_else(|e| e.into_inner()) = stream;
+                    outcome
+                }
             }
         };
         let mut run = engine
@@ -741,7 +817,11 @@ fn log_finished(
     elapsed_ms: u64,
     budget: &Budget,
     cold_start: bool,
+    stream: Option<&StreamLog>,
 ) {
+    let first_byte_ms = stream.and_then(|st| st.first_byte_ms);
+    let stream_bytes = stream.map(|st| st.bytes);
+    let stream_outcome = stream.map(|st| st.outcome.as_str());
     let ids: Vec<&str> = s
         .attempts
         .iter()
@@ -760,6 +840,10 @@ fn log_finished(
                 budget_ms = budget.budget_ms,
                 json.upstream_request_ids = %json!(ids),
                 cold_start,
+                streamed = stream.is_some(),
+                json.first_byte_ms = %json!(first_byte_ms),
+                json.stream_bytes = %json!(stream_bytes),
+                json.stream_outcome = %json!(stream_outcome),
                 "request finished"
             )
         };
