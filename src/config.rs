@@ -7,7 +7,7 @@ use std::fmt;
 
 use reqwest::Url;
 
-use crate::budget::DeadlineSettings;
+use crate::budget::{DeadlineSettings, METRICS_FLUSH_RESERVE_MS};
 use crate::upstreams::breaker::BreakerSettings;
 use crate::upstreams::{
     ModelFallbacks, UpstreamKind, UpstreamSpec, UpstreamsSource, parse_upstreams,
@@ -33,6 +33,8 @@ pub struct Settings {
     pub attempt_timeout_ms: Option<u64>,
     pub gateway_timeout_ms: Option<u64>,
     pub fallback_timeout_ms: u64,
+    /// `SECRETS_TTL_MS`: keys and tokens from Secrets Manager are read again once this old.
+    pub secrets_ttl_ms: u64,
     pub metrics_backend: MetricsBackend,
     pub metrics_namespace: String,
     /// `AWS_LAMBDA_FUNCTION_NAME`, the metrics dimension.
@@ -315,6 +317,8 @@ impl Settings {
                 1,
                 FIFTEEN_MINUTES_MS,
             )?,
+            // Below a second, every request could read Secrets Manager.
+            secrets_ttl_ms: env.number("SECRETS_TTL_MS", 300_000, 1_000, FIFTEEN_MINUTES_MS)?,
             metrics_backend,
             metrics_namespace,
             function_name: env
@@ -337,12 +341,19 @@ impl Settings {
 }
 
 impl Settings {
-    /// The settings the deadline budget uses.
+    /// The settings the deadline budget uses. With `METRICS_BACKEND=cloudwatch` the metrics are
+    /// flushed after the answer, inside the Lambda deadline, so time is kept free for it.
     pub fn deadline(&self) -> DeadlineSettings {
+        let flushes_after_answer = self.metrics_backend == MetricsBackend::CloudWatch;
         DeadlineSettings {
             margin_ms: self.deadline_margin_ms,
             fallback_timeout_ms: self.fallback_timeout_ms,
             gateway_timeout_ms: self.gateway_timeout_ms,
+            flush_reserve_ms: if flushes_after_answer {
+                METRICS_FLUSH_RESERVE_MS
+            } else {
+                0
+            },
         }
     }
 }
@@ -381,6 +392,29 @@ pub(crate) fn parse_base_url(setting: &'static str, raw: &str) -> Result<String,
         return Err(invalid(setting, "must not carry a query or fragment"));
     }
     Ok(url.as_str().trim_end_matches('/').to_owned())
+}
+
+/// Whether the (validated) upstream `base_url` is the host a request arrived on (its `Host`
+/// header): then `OPENAI_BASE_URL` is this proxy's own URL and every request would call the
+/// function again until the deadline. Hosts compare case-insensitively; ports must match (a
+/// `Host` without a port is the default port, as an upstream URL without one).
+pub fn is_own_host(base_url: &str, host_header: &str) -> bool {
+    let (Ok(upstream), Ok(arrived)) = (
+        Url::parse(base_url),
+        // A scheme without a default port, so an explicit `:443` or `:80` is kept as given.
+        Url::parse(&format!("host://{}", host_header.trim())),
+    ) else {
+        return false;
+    };
+    let name = |u: &Url| {
+        u.host_str()
+            .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+    };
+    let same_port = match arrived.port() {
+        Some(port) => upstream.port_or_known_default() == Some(port),
+        None => upstream.port().is_none(),
+    };
+    name(&upstream).is_some() && name(&upstream) == name(&arrived) && same_port
 }
 
 struct Env<'a, F: Fn(&str) -> Option<String>>(&'a F);
@@ -458,6 +492,7 @@ mod tests {
         assert_eq!(s.connect_timeout_ms, 2000);
         assert_eq!((s.attempt_timeout_ms, s.gateway_timeout_ms), (None, None));
         assert_eq!(s.fallback_timeout_ms, 30_000);
+        assert_eq!(s.secrets_ttl_ms, 300_000);
         assert_eq!(s.metrics_backend, MetricsBackend::CloudWatch);
         assert_eq!(s.metrics_namespace, "OpenAIProxy");
         assert_eq!(s.invoke_mode, InvokeMode::Buffered);
@@ -476,6 +511,9 @@ mod tests {
             ("OPENAI_BASE_URL", "ftp://example.com"),
             ("AUTH_MODE", "maybe"),
             ("CONNECT_TIMEOUT_MS", "-5"),
+            ("SECRETS_TTL_MS", "5m"),
+            ("SECRETS_TTL_MS", "999"),
+            ("SECRETS_TTL_MS", "900001"),
             ("OPENAI_ORGANIZATION", "org-x\nInjected: yes"),
             ("OPENAI_PROJECT", "proj ünïcode"),
             ("OPENAI_API_KEY", "sk-with\u{7}bell"),
@@ -580,6 +618,70 @@ mod tests {
         let s = settings(&pairs).unwrap();
         assert_eq!(s.attempt_timeout_ms, None);
         assert_eq!(s.openai_base_url, "http://127.0.0.1:9/v1");
+    }
+
+    #[test]
+    fn metrics_namespace_reserved_for_aws_is_refused() {
+        // PutMetricData rejects "AWS/..." namespaces: every invocation's metrics would be lost.
+        for bad in ["AWS/Lambda", "AWS/"] {
+            let mut pairs = MINIMAL.to_vec();
+            pairs.push(("METRICS_NAMESPACE", bad));
+            let err = settings(&pairs).unwrap_err();
+            assert_eq!(err.setting, "METRICS_NAMESPACE");
+            assert!(err.problem.contains("AWS/"), "{err}");
+        }
+        let mut pairs = MINIMAL.to_vec();
+        pairs.push(("METRICS_NAMESPACE", "Team/AWS/Proxy"));
+        assert_eq!(
+            settings(&pairs).unwrap().metrics_namespace,
+            "Team/AWS/Proxy"
+        );
+    }
+
+    #[test]
+    fn flush_reserve_only_when_metrics_are_flushed_after_the_answer() {
+        for (backend, reserve) in [
+            ("cloudwatch", METRICS_FLUSH_RESERVE_MS),
+            ("emf", 0),
+            ("none", 0),
+        ] {
+            let mut pairs = MINIMAL.to_vec();
+            pairs.push(("METRICS_BACKEND", backend));
+            let d = settings(&pairs).unwrap().deadline();
+            assert_eq!(d.flush_reserve_ms, reserve, "{backend}");
+        }
+        // The default backend is cloudwatch.
+        let d = settings(&MINIMAL).unwrap().deadline();
+        assert_eq!(d.flush_reserve_ms, METRICS_FLUSH_RESERVE_MS);
+    }
+
+    #[test]
+    fn own_host_is_recognised_by_name_and_port() {
+        let api = "https://abc123.execute-api.us-east-1.amazonaws.com/v1";
+        assert!(is_own_host(
+            api,
+            "abc123.execute-api.us-east-1.amazonaws.com"
+        ));
+        assert!(is_own_host(
+            api,
+            "ABC123.execute-api.us-east-1.amazonaws.com."
+        ));
+        assert!(is_own_host(
+            api,
+            "abc123.execute-api.us-east-1.amazonaws.com:443"
+        ));
+        assert!(!is_own_host(
+            api,
+            "abc123.execute-api.us-east-1.amazonaws.com:8443"
+        ));
+        assert!(!is_own_host(api, "xyz.execute-api.us-east-1.amazonaws.com"));
+        assert!(is_own_host("http://127.0.0.1:9000/v1", "127.0.0.1:9000"));
+        // Same machine, other port: the local simulator behind `cargo lambda watch`.
+        assert!(!is_own_host("http://127.0.0.1:9123/v1", "127.0.0.1:9000"));
+        assert!(!is_own_host("http://127.0.0.1:9123/v1", "127.0.0.1"));
+        assert!(is_own_host("http://[::1]:8080/v1", "[::1]:8080"));
+        assert!(!is_own_host("https://api.openai.com/v1", ""));
+        assert!(!is_own_host("https://api.openai.com/v1", "bad host header"));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::error::Error as _;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use reqwest::{Method, redirect};
 use tokio::time::Instant;
 
@@ -25,6 +25,8 @@ const KEPT_HEADERS: [&str; 6] = [
 pub struct UpstreamClient {
     http: reqwest::Client,
     base_url: String,
+    /// No answer body is read past this many bytes (Lambda's response limit).
+    max_body_bytes: usize,
 }
 
 /// One request to forward (spec §2: only these headers go upstream).
@@ -42,7 +44,12 @@ pub struct ForwardRequest {
 }
 
 impl UpstreamClient {
-    pub fn new(base_url: &str, connect_timeout_ms: u64) -> Result<UpstreamClient, reqwest::Error> {
+    /// `max_body_bytes`: an answer body longer than this is not read (see [`UpstreamReply::oversized`]).
+    pub fn new(
+        base_url: &str,
+        connect_timeout_ms: u64,
+        max_body_bytes: usize,
+    ) -> Result<UpstreamClient, reqwest::Error> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(connect_timeout_ms))
             // Never follow redirects: the server's key must not travel to another host.
@@ -54,6 +61,7 @@ impl UpstreamClient {
         Ok(UpstreamClient {
             http,
             base_url: base_url.trim_end_matches('/').to_owned(),
+            max_body_bytes,
         })
     }
 
@@ -94,7 +102,7 @@ impl UpstreamClient {
         let timeout = Duration::from_millis(timeout_ms);
         let builder = self.request(req, api_key).timeout(timeout);
         // The outer timeout bounds the whole exchange, including reading the body.
-        match tokio::time::timeout(timeout, exchange(builder)).await {
+        match tokio::time::timeout(timeout, exchange(builder, self.max_body_bytes)).await {
             Ok(outcome) => outcome,
             Err(_) => timed_out(timeout_ms),
         }
@@ -126,7 +134,8 @@ impl UpstreamClient {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
         if !(200..300).contains(&status) || !is_sse {
-            return match tokio::time::timeout_at(until, reply(response)).await {
+            return match tokio::time::timeout_at(until, reply(response, self.max_body_bytes)).await
+            {
                 Ok(outcome) => (outcome, None),
                 Err(_) => (timed_out(timeout_ms), None),
             };
@@ -141,6 +150,7 @@ impl UpstreamClient {
                     status,
                     headers,
                     body: Bytes::new(),
+                    oversized: false,
                 };
                 (
                     AttemptOutcome::Reply(reply),
@@ -182,9 +192,9 @@ fn timed_out(timeout_ms: u64) -> AttemptOutcome {
     }
 }
 
-async fn exchange(builder: reqwest::RequestBuilder) -> AttemptOutcome {
+async fn exchange(builder: reqwest::RequestBuilder, max_body_bytes: usize) -> AttemptOutcome {
     match builder.send().await {
-        Ok(response) => reply(response).await,
+        Ok(response) => reply(response, max_body_bytes).await,
         Err(e) => failed(e, false),
     }
 }
@@ -201,19 +211,40 @@ fn kept_headers(response: &reqwest::Response) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Reads a whole answer.
-async fn reply(response: reqwest::Response) -> AttemptOutcome {
+/// Reads a whole answer (no further than `max_body_bytes`).
+async fn reply(response: reqwest::Response, max_body_bytes: usize) -> AttemptOutcome {
     let status = response.status().as_u16();
     let headers = kept_headers(&response);
     // Buffered: a stream that breaks mid-way is a failed attempt the caller never saw.
-    match response.bytes().await {
+    match read_capped(response, max_body_bytes).await {
         Ok(body) => AttemptOutcome::Reply(UpstreamReply {
             status,
             headers,
-            body,
+            oversized: body.is_none(),
+            body: body.unwrap_or_default(),
         }),
         Err(e) => failed(e, true),
     }
+}
+
+/// The whole body, or `None` as soon as it is known to exceed `max` bytes: then nothing more is
+/// read and the connection is dropped, so memory stays bounded whatever the upstream sends.
+async fn read_capped(
+    mut response: reqwest::Response,
+    max: usize,
+) -> Result<Option<Bytes>, reqwest::Error> {
+    let announced = response.content_length().unwrap_or(0);
+    if announced > max as u64 {
+        return Ok(None);
+    }
+    let mut body = BytesMut::with_capacity(announced as usize);
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > max {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body.freeze()))
 }
 
 fn failed(e: reqwest::Error, reading_body: bool) -> AttemptOutcome {

@@ -17,7 +17,7 @@ use tracing::Instrument;
 
 use crate::auth;
 use crate::budget::{Budget, DeadlineSettings, GatewayKind};
-use crate::config::{ConfigError, KeySource, Settings};
+use crate::config::{self, ConfigError, KeySource, Settings};
 use crate::retry::{
     AttemptOutcome, AttemptRecord, Decision, Engine, FailureKind, FastRandJitter, GiveUpReason,
     RetryPolicy, RetryRun, RunOutcome, SystemClock, TokioSleeper, UpstreamReply, epoch_ms,
@@ -27,7 +27,7 @@ use crate::stream::StreamOutcome;
 use crate::telemetry::metrics::{InvocationMetrics, MetricsSink};
 use crate::upstream::{ForwardRequest, LiveStream, UpstreamClient};
 use request::{BodyError, GatewayEvent};
-use response::{ErrorCode, ProxyResponse, UpstreamSummary, seconds};
+use response::{ErrorCode, LAMBDA_RESPONSE_LIMIT, ProxyResponse, UpstreamSummary, seconds};
 use routes::{Route, RouteKind};
 
 const STATUS_PAGE: &str = "https://status.openai.com";
@@ -124,16 +124,24 @@ impl Proxy {
         metrics: Box<dyn MetricsSink>,
     ) -> Proxy {
         let state = settings.and_then(|settings| {
-            UpstreamClient::new(&settings.openai_base_url, settings.connect_timeout_ms)
-                .map(|upstream| Ready { settings, upstream })
-                .map_err(|_| ConfigError {
-                    setting: "OPENAI_BASE_URL",
-                    problem: "could not be used to build the HTTP client".into(),
-                })
+            UpstreamClient::new(
+                &settings.openai_base_url,
+                settings.connect_timeout_ms,
+                LAMBDA_RESPONSE_LIMIT,
+            )
+            .map(|upstream| Ready { settings, upstream })
+            .map_err(|_| ConfigError {
+                setting: "OPENAI_BASE_URL",
+                problem: "could not be used to build the HTTP client".into(),
+            })
         });
         if let Err(e) = &state {
             tracing::error!(setting = e.setting, problem = %e.problem, "configuration error: every proxied request will answer 500 config_error");
         }
+        let secrets = match &state {
+            Ok(r) => secrets.with_ttl_ms(r.settings.secrets_ttl_ms),
+            Err(_) => secrets,
+        };
         Proxy {
             state,
             secrets,
@@ -314,6 +322,13 @@ impl Proxy {
             Err(e) => return config_error(summary, id, e.setting, &e.problem),
         };
         let settings = &ready.settings;
+        if ev
+            .header("host")
+            .is_some_and(|host| config::is_own_host(&settings.openai_base_url, host))
+        {
+            let problem = "points at this proxy itself (the host this request arrived on), so every request would call the function again; set it to the upstream's URL";
+            return config_error(summary, id, "OPENAI_BASE_URL", problem);
+        }
         let within = budget.time_left(epoch_ms());
 
         match self.secrets.proxy_tokens(&settings.auth, within).await {
@@ -450,8 +465,9 @@ impl Proxy {
     }
 
     /// Runs the retry engine; after an upstream 401 with a key from Secrets Manager, fetches the
-    /// key again once (rotation) and retries with what is left of the budget. With `live`, each
-    /// attempt may commit to a stream (spec §10); the last committed one is left there.
+    /// key again once (rotation) and retries with what is left of the attempts and the budget.
+    /// With `live`, each attempt may commit to a stream (spec §10); the last committed one is
+    /// left there.
     #[allow(clippy::too_many_arguments)]
     async fn call_upstream(
         &self,
@@ -516,10 +532,28 @@ impl Proxy {
             );
             return run;
         }
+        // The retry with the new key spends from the same RETRY_MAX_ATTEMPTS (and deadline).
+        let offset = run.attempts.len() as u32;
+        let Some(left) = settings
+            .retry_max_attempts
+            .checked_sub(offset)
+            .filter(|n| *n > 0)
+        else {
+            tracing::warn!(
+                "upstream rejected the OpenAI key (401); fetched a new one from Secrets Manager for the next request (no attempt left for this one)"
+            );
+            return run;
+        };
         tracing::warn!(
             "upstream rejected the OpenAI key (401); fetched it again from Secrets Manager and retrying once"
         );
-        let offset = run.attempts.len() as u32;
+        let engine = Engine {
+            policy: RetryPolicy {
+                max_attempts: left,
+                ..engine.policy
+            },
+            ..engine
+        };
         let second = engine
             .run(
                 budget.deadline_ms,
@@ -608,6 +642,9 @@ fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> P
             if let Some(ms) = reply.header("retry-after-ms") {
                 resp.set_header("retry-after-ms", ms);
             }
+            if reply.oversized || !resp.fits_lambda_limit() {
+                resp = too_large(&reply, upstream, &ids, id, summary);
+            }
             (resp, Some(reply))
         }
         RunOutcome::GaveUp {
@@ -668,6 +705,30 @@ fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> P
         pass_through_headers(&reply, &mut resp);
     }
     resp
+}
+
+/// 502 `upstream_response_too_large`: the upstream's final answer cannot be returned through
+/// Lambda. Retrying cannot help, so it is not retried (like every error, `x-should-retry: false`).
+fn too_large(
+    reply: &UpstreamReply,
+    upstream: UpstreamSummary,
+    ids: &str,
+    id: &str,
+    summary: &mut Summary,
+) -> ProxyResponse {
+    let code = ErrorCode::UpstreamResponseTooLarge;
+    summary.outcome = Outcome::UpstreamFailure;
+    summary.code = Some(code);
+    let status = AttemptOutcome::Reply(reply.clone()).describe();
+    let upstream = UpstreamSummary {
+        last_error: Some(format!("{status}: answer too large")),
+        ..upstream
+    };
+    let message = format!(
+        "OpenAI's answer ({status}) is larger than the {} MB a Lambda function can return, so the proxy read no further and cannot pass it on. Ask for less in one request (fewer inputs per embeddings request, encoding_format \"base64\" for embeddings, a lower max_tokens). Upstream request ids: {ids}.",
+        LAMBDA_RESPONSE_LIMIT / 1_000_000
+    );
+    ProxyResponse::error(code, message, Some(&upstream), id)
 }
 
 /// The §5 code and message after the engine gave up: 504 only when the deadline cut an attempt
