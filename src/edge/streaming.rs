@@ -21,8 +21,9 @@ use lambda_runtime::{MetadataPrelude, StreamResponse};
 use serde_json::Value;
 use tracing::Instrument;
 
-use super::response::{ErrorCode, ProxyResponse};
-use super::{Answered, Invocation, Proxy, StreamLog, finish_headers};
+use super::request::GatewayEvent;
+use super::response::ProxyResponse;
+use super::{Answered, Ending, Invocation, Proxy, StreamLog};
 use crate::retry::{SystemClock, TokioSleeper, epoch_ms};
 use crate::stream::{ApiFlavor, CallerGone, EventSink, StreamLimits, forward};
 use crate::upstream::LiveStream;
@@ -35,34 +36,25 @@ impl Proxy {
         event: Value,
         invocation: Invocation,
     ) -> StreamResponse<Body> {
-        let span = tracing::info_span!("invocation", lambda_request_id = %invocation.request_id);
-        let proxy = self.clone();
-        let inv = invocation.clone();
+        let (span, ending) = self.begin(&invocation);
+        let parsed = GatewayEvent::parse(&event).map(|e| (e.kind, e.start_ms, e.path.clone()));
+        let (proxy, inv, end) = (self.clone(), invocation.clone(), ending.clone());
         let task = tokio::spawn(
-            async move { proxy.answer(&event, &inv, true).await }.instrument(span.clone()),
+            async move { proxy.answer(&event, &inv, &end, true).await }.instrument(span.clone()),
         );
         let mut done = match task.await {
             Ok(done) => done,
             Err(e) => {
-                let _g = span.enter();
-                tracing::error!(
-                    panic = e.is_panic(),
-                    "handler failed; answering 500 internal_error"
-                );
-                let resp = ProxyResponse::error(
-                    ErrorCode::InternalError,
-                    "The proxy failed while handling this request. This is a bug in the proxy, not in your request.",
-                    None,
-                    &invocation.request_id,
-                );
-                return whole(finish_headers(resp, &invocation.request_id));
+                let (_, resp) = self.internal_error(e, parsed, &invocation, &ending, &span);
+                return whole(resp);
             }
         };
         match done.summary.live.take() {
-            Some(live) => self.start_stream(done, live, span),
+            Some(live) => self.start_stream(done, live, ending, span),
             None => {
                 let _g = span.enter();
-                self.finished(&done, None);
+                let (id, summary, budget) = (&done.request_id, &done.summary, &done.budget);
+                self.finish(id, summary, &done.resp, budget, &ending, None);
                 whole(done.resp)
             }
         }
@@ -74,6 +66,7 @@ impl Proxy {
         self: &Arc<Self>,
         done: Answered,
         live: LiveStream,
+        ending: Arc<Ending>,
         span: tracing::Span,
     ) -> StreamResponse<Body> {
         let (tx, body) = channel();
@@ -119,11 +112,12 @@ impl Proxy {
                 );
             }
             let log = StreamLog {
-                first_byte_ms: first_at.map(|t| t.saturating_sub(done.started)),
+                first_byte_ms: first_at.map(|t| t.saturating_sub(ending.started)),
                 bytes: report.bytes,
                 outcome: report.outcome,
             };
-            proxy.finished(&done, Some(&log));
+            let (id, summary, budget) = (&done.request_id, &done.summary, &done.budget);
+            proxy.finish(id, summary, &done.resp, budget, &ending, Some(&log));
         };
         tokio::spawn(task.instrument(span));
         StreamResponse {
@@ -178,6 +172,7 @@ fn whole(resp: ProxyResponse) -> StreamResponse<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::edge::response::ErrorCode;
 
     #[test]
     fn the_prelude_carries_status_and_headers() {
