@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use crate::retry::{AttemptOutcome, FailureKind, SystemClock, TokioSleeper, UpstreamReply};
 use crate::stream::{ChunkSource, EventReader, await_first_event};
+use crate::upstreams::UpstreamSpec;
 
 /// Response headers worth keeping from the upstream (the rest are dropped).
 const KEPT_HEADERS: [&str; 6] = [
@@ -24,7 +25,6 @@ const KEPT_HEADERS: [&str; 6] = [
 #[derive(Clone, Debug)]
 pub struct UpstreamClient {
     http: reqwest::Client,
-    base_url: String,
     /// No answer body is read past this many bytes (Lambda's response limit).
     max_body_bytes: usize,
 }
@@ -39,14 +39,11 @@ pub struct ForwardRequest {
     pub content_type: Option<String>,
     pub idempotency_key: Option<String>,
     pub client_request_id: String,
-    pub organization: Option<String>,
-    pub project: Option<String>,
 }
 
 impl UpstreamClient {
     /// `max_body_bytes`: an answer body longer than this is not read (see [`UpstreamReply::oversized`]).
     pub fn new(
-        base_url: &str,
         connect_timeout_ms: u64,
         max_body_bytes: usize,
     ) -> Result<UpstreamClient, reqwest::Error> {
@@ -60,17 +57,28 @@ impl UpstreamClient {
             .build()?;
         Ok(UpstreamClient {
             http,
-            base_url: base_url.trim_end_matches('/').to_owned(),
             max_body_bytes,
         })
     }
 
-    /// The request for one attempt, without a timeout (the caller bounds it).
-    fn request(&self, req: &ForwardRequest, api_key: &str) -> reqwest::RequestBuilder {
+    /// The request for one attempt to `upstream` with its key (`Authorization: Bearer` for
+    /// OpenAI, `api-key` for Azure) and `body` (the request's, with the model the upstream
+    /// expects), without a timeout (the caller bounds it).
+    fn request(
+        &self,
+        req: &ForwardRequest,
+        upstream: &UpstreamSpec,
+        api_key: &str,
+        body: Bytes,
+    ) -> reqwest::RequestBuilder {
+        let (auth_name, auth_value) = upstream.kind.auth_header(api_key);
         let mut builder = self
             .http
-            .request(req.method.clone(), format!("{}{}", self.base_url, req.path))
-            .bearer_auth(api_key)
+            .request(
+                req.method.clone(),
+                format!("{}{}", upstream.base_url, req.path),
+            )
+            .header(auth_name, auth_value)
             .header("x-client-request-id", &req.client_request_id);
         if req.method == Method::POST {
             builder = builder
@@ -78,11 +86,11 @@ impl UpstreamClient {
                     "content-type",
                     req.content_type.as_deref().unwrap_or("application/json"),
                 )
-                .body(req.body.clone());
+                .body(body);
         }
         for (name, value) in [
-            ("openai-organization", &req.organization),
-            ("openai-project", &req.project),
+            ("openai-organization", &upstream.organization),
+            ("openai-project", &upstream.project),
             ("idempotency-key", &req.idempotency_key),
         ] {
             if let Some(v) = value {
@@ -92,15 +100,18 @@ impl UpstreamClient {
         builder
     }
 
-    /// Sends one attempt; never takes longer than `timeout_ms` (connect, headers and body).
+    /// Sends one attempt (see [`UpstreamClient::request`]). Never takes longer than `timeout_ms`
+    /// (connect, headers and body).
     pub async fn send(
         &self,
         req: &ForwardRequest,
+        upstream: &UpstreamSpec,
         api_key: &str,
+        body: Bytes,
         timeout_ms: u64,
     ) -> AttemptOutcome {
         let timeout = Duration::from_millis(timeout_ms);
-        let builder = self.request(req, api_key).timeout(timeout);
+        let builder = self.request(req, upstream, api_key, body).timeout(timeout);
         // The outer timeout bounds the whole exchange, including reading the body.
         match tokio::time::timeout(timeout, exchange(builder, self.max_body_bytes)).await {
             Ok(outcome) => outcome,
@@ -116,11 +127,13 @@ impl UpstreamClient {
     pub async fn send_stream(
         &self,
         req: &ForwardRequest,
+        upstream: &UpstreamSpec,
         api_key: &str,
+        body: Bytes,
         timeout_ms: u64,
     ) -> (AttemptOutcome, Option<LiveStream>) {
         // No reqwest timeout: it would also cut the body after the commit.
-        let builder = self.request(req, api_key);
+        let builder = self.request(req, upstream, api_key, body);
         let until = Instant::now() + Duration::from_millis(timeout_ms);
         let response = match tokio::time::timeout_at(until, builder.send()).await {
             Ok(Ok(r)) => r,
@@ -134,8 +147,8 @@ impl UpstreamClient {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
         if !(200..300).contains(&status) || !is_sse {
-            return match tokio::time::timeout_at(until, reply(response, self.max_body_bytes)).await
-            {
+            let whole = reply(response, self.max_body_bytes);
+            return match tokio::time::timeout_at(until, whole).await {
                 Ok(outcome) => (outcome, None),
                 Err(_) => (timed_out(timeout_ms), None),
             };
@@ -152,10 +165,8 @@ impl UpstreamClient {
                     body: Bytes::new(),
                     oversized: false,
                 };
-                (
-                    AttemptOutcome::Reply(reply),
-                    Some(LiveStream { prefix, reader }),
-                )
+                let live = LiveStream { prefix, reader };
+                (AttemptOutcome::Reply(reply), Some(live))
             }
             Err((kind, detail)) => (AttemptOutcome::Failed { kind, detail }, None),
         }

@@ -6,6 +6,7 @@ pub mod request;
 pub mod response;
 pub mod routes;
 pub mod streaming;
+mod upstreams;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,19 +18,22 @@ use tracing::Instrument;
 
 use crate::auth;
 use crate::budget::{Budget, DeadlineSettings, GatewayKind};
-use crate::config::{self, ConfigError, KeySource, Settings};
+use crate::config::{self, ConfigError, DEFAULT_UPSTREAM, Settings};
 use crate::retry::{
-    AttemptOutcome, AttemptRecord, Decision, Engine, FailureKind, FastRandJitter, GiveUpReason,
-    RetryPolicy, RetryRun, RunOutcome, SystemClock, TokioSleeper, UpstreamReply, epoch_ms,
+    AttemptOutcome, AttemptRecord, Decision, FailureKind, GiveUpReason, RetryRun, RunOutcome,
+    UpstreamReply, epoch_ms,
 };
 use crate::secrets::Secrets;
 use crate::stream::StreamOutcome;
 use crate::telemetry::logs;
 use crate::telemetry::metrics::{InvocationMetrics, MetricsSink};
 use crate::upstream::{ForwardRequest, LiveStream, UpstreamClient};
+use crate::upstreams::breaker::Breakers;
+use crate::upstreams::latency::LatencyBook;
+use crate::upstreams::{MAX_UPSTREAMS, UpstreamsSource};
 use request::{BodyError, GatewayEvent};
 use response::{ErrorCode, LAMBDA_RESPONSE_LIMIT, ProxyResponse, UpstreamSummary, seconds};
-use routes::{Route, RouteKind};
+use routes::RouteKind;
 
 const STATUS_PAGE: &str = "https://status.openai.com";
 
@@ -56,6 +60,9 @@ pub struct Proxy {
 struct Ready {
     settings: Settings,
     upstream: UpstreamClient,
+    /// Kept across warm invocations (and shared by concurrent ones), by position in the list.
+    breakers: Breakers,
+    latency: LatencyBook,
 }
 
 /// How an invocation ended, for the `outcome` log field.
@@ -105,6 +112,10 @@ struct Summary {
     code: Option<ErrorCode>,
     outcome: Outcome,
     attempts: Vec<AttemptRecord>,
+    /// §11: switches, an open breaker met, hopeless attempts skipped.
+    switches: u32,
+    circuit_open: bool,
+    skipped: u32,
     /// The answer may be streamed for real (`RESPONSE_STREAM`, a `"stream": true` request on a
     /// streaming route).
     may_stream: bool,
@@ -135,16 +146,17 @@ impl Proxy {
         metrics: Box<dyn MetricsSink>,
     ) -> Proxy {
         let state = settings.and_then(|settings| {
-            UpstreamClient::new(
-                &settings.openai_base_url,
-                settings.connect_timeout_ms,
-                LAMBDA_RESPONSE_LIMIT,
-            )
-            .map(|upstream| Ready { settings, upstream })
-            .map_err(|_| ConfigError {
-                setting: "OPENAI_BASE_URL",
-                problem: "could not be used to build the HTTP client".into(),
-            })
+            UpstreamClient::new(settings.connect_timeout_ms, LAMBDA_RESPONSE_LIMIT)
+                .map(|upstream| Ready {
+                    breakers: Breakers::new(settings.breaker, MAX_UPSTREAMS),
+                    latency: LatencyBook::new(),
+                    settings,
+                    upstream,
+                })
+                .map_err(|_| ConfigError {
+                    setting: "OPENAI_BASE_URL",
+                    problem: "could not be used to build the HTTP client".into(),
+                })
         });
         if let Err(e) = &state {
             tracing::error!(setting = e.setting, problem = %e.problem, "configuration error: every proxied request will answer 500 config_error");
@@ -224,6 +236,9 @@ impl Proxy {
             code: Some(ErrorCode::InternalError),
             outcome: Outcome::InternalError,
             attempts: Vec::new(),
+            switches: 0,
+            circuit_open: false,
+            skipped: 0,
             may_stream: false,
             live: None,
         };
@@ -263,6 +278,9 @@ impl Proxy {
             code: None,
             outcome: Outcome::Rejected,
             attempts: Vec::new(),
+            switches: 0,
+            circuit_open: false,
+            skipped: 0,
             may_stream,
             live: None,
         };
@@ -304,7 +322,6 @@ impl Proxy {
 
     /// The `request finished` line and the metrics record, each written once per invocation
     /// (after a panic, only what the handler did not write yet).
-    /// `stream`: how a stream went (logged when it has ended).
     fn finish(
         &self,
         id: &str,
@@ -321,12 +338,15 @@ impl Proxy {
         }
         if summary.outcome != Outcome::Health && !ending.recorded.swap(true, Ordering::SeqCst) {
             let failed = summary.code.is_some_and(ErrorCode::is_upstream_failure);
-            let mut m = InvocationMetrics::from_attempts(&summary.attempts, failed, cold_start);
-            if let Some(s) = stream {
-                m.time_to_first_byte_ms = s.first_byte_ms.map(|ms| ms as f64);
-                m.streams_interrupted = u64::from(s.outcome.is_interrupted());
-            }
-            self.metrics.record(id, m);
+            let metrics = InvocationMetrics {
+                fallbacks: summary.switches.into(),
+                circuit_open: summary.circuit_open.into(),
+                attempts_skipped: summary.skipped.into(),
+                time_to_first_byte_ms: stream.and_then(|s| s.first_byte_ms).map(|ms| ms as f64),
+                streams_interrupted: stream.map_or(0, |s| u64::from(s.outcome.is_interrupted())),
+                ..InvocationMetrics::from_attempts(&summary.attempts, failed, cold_start)
+            };
+            self.metrics.record(id, metrics);
         }
     }
 
@@ -392,13 +412,6 @@ impl Proxy {
             Err(e) => return config_error(summary, id, e.setting, &e.problem),
         };
         let settings = &ready.settings;
-        if ev
-            .header("host")
-            .is_some_and(|host| config::is_own_host(&settings.openai_base_url, host))
-        {
-            let problem = "points at this proxy itself (the host this request arrived on), so every request would call the function again; set it to the upstream's URL";
-            return config_error(summary, id, "OPENAI_BASE_URL", problem);
-        }
         let within = budget.time_left(epoch_ms());
 
         match self.secrets.proxy_tokens(&settings.auth, within).await {
@@ -437,6 +450,7 @@ impl Proxy {
                 );
             }
         };
+        let mut stream = false;
         if route.method == "POST" {
             let value: Value = match serde_json::from_slice(&body) {
                 Ok(v) => v,
@@ -452,8 +466,8 @@ impl Proxy {
                     "Request body must be a JSON object.".into(),
                 );
             };
-            summary.may_stream &=
-                route.streams() && object.get("stream") == Some(&Value::Bool(true));
+            stream = object.get("stream") == Some(&Value::Bool(true));
+            summary.may_stream &= stream && route.streams();
             match object.get("model") {
                 Some(Value::String(m)) => summary.model = Some(m.clone()),
                 None if !model_required => {}
@@ -494,12 +508,28 @@ impl Proxy {
             }
         }
 
-        let key = match self
-            .secrets
-            .openai_key(&settings.openai_key, false, within)
-            .await
+        let list = match self.upstream_list(settings, within).await {
+            Ok(list) => list,
+            Err(e) => return config_error(summary, id, e.setting, &e.problem),
+        };
+        if let Some(host) = ev.header("host")
+            && let Some(own) = list.iter().find(|u| config::is_own_host(&u.base_url, host))
         {
-            Ok(k) => k,
+            let setting = match &settings.upstreams {
+                UpstreamsSource::List(l) if l.len() == 1 && l[0].name == DEFAULT_UPSTREAM => {
+                    "OPENAI_BASE_URL"
+                }
+                UpstreamsSource::List(_) => "UPSTREAMS",
+                UpstreamsSource::SecretArn(_) => "UPSTREAMS_SECRET_ARN",
+            };
+            let problem = format!(
+                "points at this proxy itself (upstream `{}` is the host this request arrived on), so every request would call the function again; set it to the upstream's URL",
+                own.name
+            );
+            return config_error(summary, id, setting, &problem);
+        }
+        let keys = match self.upstream_keys(settings, &list, None, within).await {
+            Ok(keys) => keys,
             Err(e) => return config_error(summary, id, e.setting, &e.problem),
         };
         let forward = ForwardRequest {
@@ -513,138 +543,23 @@ impl Proxy {
             content_type: ev.header("content-type").map(str::to_owned),
             idempotency_key: ev.header("idempotency-key").map(str::to_owned),
             client_request_id: id.to_owned(),
-            organization: settings.openai_organization.clone(),
-            project: settings.openai_project.clone(),
         };
-        let live = std::sync::Mutex::new(None);
-        let run = self
-            .call_upstream(
-                ready,
-                route,
-                &forward,
-                key,
-                budget,
-                summary.model.as_deref(),
-                summary.may_stream.then_some(&live),
-            )
-            .await;
+        let routed = upstreams::Routed {
+            route,
+            forward: &forward,
+            list: &list,
+            models: summary
+                .model
+                .as_deref()
+                .map(|m| settings.model_fallbacks.chain(m)),
+            stream,
+            live: summary.may_stream.then(|| std::sync::Mutex::new(None)),
+        };
+        let run = self.call_upstream(ready, &routed, keys, budget).await;
         if matches!(&run.outcome, RunOutcome::Answer(r) if (200..300).contains(&r.status)) {
-            summary.live = live.into_inner().unwrap_or_else(|e| e.into_inner());
+            summary.live = routed.take_live();
         }
-        respond(run, id, budget, summary)
-    }
-
-    /// Runs the retry engine; after an upstream 401 with a key from Secrets Manager, fetches the
-    /// key again once (rotation) and retries with what is left of the attempts and the budget.
-    /// With `live`, each attempt may commit to a stream (spec §10); the last committed one is
-    /// left there.
-    #[allow(clippy::too_many_arguments)]
-    async fn call_upstream(
-        &self,
-        ready: &Ready,
-        route: &Route,
-        forward: &ForwardRequest,
-        key: Arc<str>,
-        budget: &Budget,
-        model: Option<&str>,
-        live: Option<&std::sync::Mutex<Option<LiveStream>>>,
-    ) -> RetryRun {
-        let (settings, client) = (&ready.settings, &ready.upstream);
-        let engine = Engine {
-            policy: RetryPolicy {
-                max_attempts: settings.retry_max_attempts,
-                base_delay_ms: settings.retry_base_delay_ms,
-                max_delay_ms: settings.retry_max_delay_ms,
-            },
-            min_attempt_ms: settings.min_attempt_ms,
-            attempt_timeout_ms: settings.attempt_timeout_ms,
-        };
-        let attempt_with = |key: Arc<str>| {
-            move |plan: crate::retry::AttemptPlan| {
-                let key = key.clone();
-                async move {
-                    let Some(live) = live else {
-                        return client.send(forward, &key, plan.timeout_ms).await;
-                    };
-                    let (outcome, stream) =
-                        client.send_stream(forward, &key, plan.timeout_ms).await;
-                    *live.lock().unwrap_or_else(|e| e.into_inner()) = stream;
-                    outcome
-                }
-            }
-        };
-        let mut run = engine
-            .run(
-                budget.deadline_ms,
-                &SystemClock,
-                &TokioSleeper,
-                &mut FastRandJitter,
-                attempt_with(key.clone()),
-                |r| log_attempt(route, model, r, 0),
-            )
-            .await;
-        let rejected_key = matches!(&run.outcome, RunOutcome::Answer(r) if r.status == 401);
-        if !(rejected_key && matches!(settings.openai_key, KeySource::SecretArn(_))) {
-            return run;
-        }
-        let within = budget.time_left(epoch_ms());
-        let Ok(fresh) = self
-            .secrets
-            .openai_key(&settings.openai_key, true, within)
-            .await
-        else {
-            return run;
-        };
-        if fresh == key {
-            // Not rotated: the same key would be rejected again.
-            tracing::warn!(
-                "upstream rejected the OpenAI key (401); the secret still holds the same key"
-            );
-            return run;
-        }
-        // The retry with the new key spends from the same RETRY_MAX_ATTEMPTS (and deadline).
-        let offset = run.attempts.len() as u32;
-        let Some(left) = settings
-            .retry_max_attempts
-            .checked_sub(offset)
-            .filter(|n| *n > 0)
-        else {
-            tracing::warn!(
-                "upstream rejected the OpenAI key (401); fetched a new one from Secrets Manager for the next request (no attempt left for this one)"
-            );
-            return run;
-        };
-        tracing::warn!(
-            "upstream rejected the OpenAI key (401); fetched it again from Secrets Manager and retrying once"
-        );
-        let engine = Engine {
-            policy: RetryPolicy {
-                max_attempts: left,
-                ..engine.policy
-            },
-            ..engine
-        };
-        let second = engine
-            .run(
-                budget.deadline_ms,
-                &SystemClock,
-                &TokioSleeper,
-                &mut FastRandJitter,
-                attempt_with(fresh),
-                |r| log_attempt(route, model, r, offset),
-            )
-            .await;
-        if matches!(second.outcome, RunOutcome::NoTimeToStart { .. }) {
-            return run;
-        }
-        run.attempts
-            .extend(second.attempts.into_iter().map(|mut a| {
-                a.attempt += offset;
-                a
-            }));
-        run.outcome = second.outcome;
-        run.elapsed_ms = epoch_ms().saturating_sub(budget.started_ms);
-        run
+        respond(run, &routed, id, budget, summary)
     }
 }
 
@@ -658,7 +573,13 @@ fn config_error(summary: &mut Summary, id: &str, setting: &str, problem: &str) -
 }
 
 /// Turns the engine's result into the caller's answer (spec §5).
-fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> ProxyResponse {
+fn respond(
+    run: RetryRun,
+    req: &upstreams::Routed<'_>,
+    id: &str,
+    budget: &Budget,
+    summary: &mut Summary,
+) -> ProxyResponse {
     let upstream = UpstreamSummary {
         status: run.attempts.iter().rev().find_map(|a| a.status),
         attempts: run.attempts.len() as u32,
@@ -669,6 +590,7 @@ fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> P
             .filter_map(|a| a.upstream_request_id.clone())
             .collect(),
         last_error: None,
+        by_upstream: upstreams::by_upstream(&run.attempts, &req.names()),
     };
     let last_request_id = upstream.request_ids.last().cloned();
     let ids = if upstream.request_ids.is_empty() {
@@ -676,6 +598,10 @@ fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> P
     } else {
         upstream.request_ids.join(", ")
     };
+    (summary.switches, summary.circuit_open, summary.skipped) =
+        (run.switches, run.circuit_open, run.skipped);
+    let route_headers = upstreams::route_headers(&run, req);
+    let expected_ms = run.attempts.last().and_then(|a| a.expected_ms);
     summary.attempts = run.attempts;
     let (mut resp, last_reply) = match run.outcome {
         RunOutcome::Answer(reply) if matches!(reply.status, 401 | 403) => {
@@ -717,6 +643,9 @@ fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> P
             }
             (resp, Some(reply))
         }
+        RunOutcome::CircuitOpen { retry_after_ms } => {
+            (circuit_open(summary, upstream, retry_after_ms, id), None)
+        }
         RunOutcome::GaveUp {
             reason,
             last,
@@ -731,6 +660,7 @@ fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> P
                 reason,
                 &last,
                 retry_after_ms,
+                expected_ms,
                 &upstream,
                 &ids,
                 budget.budget_ms,
@@ -774,6 +704,37 @@ fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> P
     if let Some(reply) = last_reply {
         pass_through_headers(&reply, &mut resp);
     }
+    for (name, value) in route_headers {
+        resp.set_header(name, value);
+    }
+    resp
+}
+
+/// 503 `upstream_circuit_open`: every upstream's breaker is open (§11).
+fn circuit_open(
+    summary: &mut Summary,
+    upstream: UpstreamSummary,
+    retry_after_ms: u64,
+    id: &str,
+) -> ProxyResponse {
+    let code = ErrorCode::UpstreamCircuitOpen;
+    summary.outcome = Outcome::UpstreamFailure;
+    summary.code = Some(code);
+    summary.circuit_open = true;
+    let secs = retry_after_ms.div_ceil(1000).max(1);
+    let tried = match upstream.attempts {
+        0 => "so no upstream was called".to_owned(),
+        n => format!(
+            "after {n} attempt{} (last: {})",
+            if n == 1 { "" } else { "s" },
+            upstream.last_error.as_deref().unwrap_or("none")
+        ),
+    };
+    let message = format!(
+        "Every upstream is failing: their circuit breakers are open (BREAKER_FAILURES retryable failures in a row), {tried}. The first one will be tried again in {secs} s; retry after that."
+    );
+    let mut resp = ProxyResponse::error(code, message, Some(&upstream), id);
+    resp.set_header("retry-after", secs.to_string());
     resp
 }
 
@@ -807,6 +768,7 @@ fn gave_up(
     reason: GiveUpReason,
     last: &AttemptOutcome,
     retry_after_ms: Option<u64>,
+    expected_ms: Option<u64>,
     upstream: &UpstreamSummary,
     ids: &str,
     budget_ms: u64,
@@ -831,6 +793,10 @@ fn gave_up(
             seconds(retry_after_ms.unwrap_or_default())
         ),
         GiveUpReason::DeadlineReached => format!("the proxy's {budget} time budget ran out"),
+        GiveUpReason::ExpectedLatencyExceedsBudget => format!(
+            "the next attempt was not started because successful attempts there recently took up to {}, more than the time left in the proxy's {budget} time budget (expected_latency_exceeds_budget)",
+            seconds(expected_ms.unwrap_or_default())
+        ),
     };
     match (reason, last) {
         (GiveUpReason::DeadlineReached, _) => (
@@ -916,12 +882,16 @@ fn printable(s: &str) -> String {
     out
 }
 
-fn log_attempt(route: &Route, model: Option<&str>, r: &AttemptRecord, offset: u32) {
+/// The `upstream attempt` line (§6, §11): `upstream` is the name, `model` the one asked for.
+fn log_attempt(req: &upstreams::Routed<'_>, names: &[String], r: &AttemptRecord, offset: u32) {
     let (status, error_kind) = (r.status, r.error_kind.map(FailureKind::as_str));
+    let model = req.model(r.target.model);
+    let upstream = names.get(r.target.upstream).map_or("", String::as_str);
     macro_rules! attempt_event {
         ($level:ident) => {
             tracing::$level!(
-                route = route.path,
+                route = req.route.path,
+                upstream,
                 json.model = %json!(model),
                 attempt = r.attempt + offset,
                 json.status = %json!(status),
@@ -932,6 +902,7 @@ fn log_attempt(route: &Route, model: Option<&str>, r: &AttemptRecord, offset: u3
                 reason = %r.reason,
                 json.next_delay_ms = %json!(r.next_delay_ms),
                 remaining_ms = r.remaining_ms,
+                json.expected_ms = %json!(r.expected_ms),
                 "upstream attempt"
             )
         };

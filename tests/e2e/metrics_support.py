@@ -35,6 +35,9 @@ COUNT_METRICS = [
     "UpstreamConnectionErrors",
     "Retries",
     "UpstreamFailures",
+    "Fallbacks",
+    "CircuitOpen",
+    "AttemptsSkipped",
     "StreamsInterrupted",
     "ColdStart",
 ]
