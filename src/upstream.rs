@@ -5,6 +5,7 @@ use std::error::Error as _;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use reqwest::header::HeaderValue;
 use reqwest::{Method, redirect};
 
 use crate::retry::{AttemptOutcome, FailureKind, UpstreamReply};
@@ -63,6 +64,23 @@ impl UpstreamClient {
         })
     }
 
+    /// Which part of a request that could not be built is at fault: the setting that holds it
+    /// (`OPENAI_API_KEY` stands for wherever the key came from), else `None` (a bug).
+    pub fn unsendable_setting(&self, req: &ForwardRequest, api_key: &str) -> Option<&'static str> {
+        let header_ok = |v: &str| HeaderValue::from_str(v).is_ok();
+        if reqwest::Url::parse(&format!("{}{}", self.base_url, req.path)).is_err() {
+            Some("OPENAI_BASE_URL")
+        } else if !header_ok(&format!("Bearer {api_key}")) {
+            Some("OPENAI_API_KEY")
+        } else if !req.organization.as_deref().is_none_or(header_ok) {
+            Some("OPENAI_ORGANIZATION")
+        } else if !req.project.as_deref().is_none_or(header_ok) {
+            Some("OPENAI_PROJECT")
+        } else {
+            None
+        }
+    }
+
     /// Sends one attempt; never takes longer than `timeout_ms` (connect, headers and body).
     pub async fn send(
         &self,
@@ -94,8 +112,19 @@ impl UpstreamClient {
                 builder = builder.header(name, v);
             }
         }
+        // A request that cannot be built fails the same way every time: final, never sent.
+        let request = match builder.build() {
+            Ok(r) => r,
+            Err(e) => {
+                return AttemptOutcome::Failed {
+                    kind: FailureKind::Unsendable,
+                    detail: describe(e),
+                };
+            }
+        };
+        let send = self.http.execute(request);
         // The outer timeout bounds the whole exchange, including reading the body.
-        match tokio::time::timeout(timeout, exchange(builder, self.max_body_bytes)).await {
+        match tokio::time::timeout(timeout, exchange(send, self.max_body_bytes)).await {
             Ok(outcome) => outcome,
             Err(_) => AttemptOutcome::Failed {
                 kind: FailureKind::Timeout,
@@ -105,8 +134,11 @@ impl UpstreamClient {
     }
 }
 
-async fn exchange(builder: reqwest::RequestBuilder, max_body_bytes: usize) -> AttemptOutcome {
-    let response = match builder.send().await {
+async fn exchange(
+    send: impl Future<Output = reqwest::Result<reqwest::Response>>,
+    max_body_bytes: usize,
+) -> AttemptOutcome {
+    let response = match send.await {
         Ok(r) => r,
         Err(e) => return failed(e, false),
     };

@@ -67,6 +67,8 @@ enum Outcome {
     /// The caller's request was refused (route, method, auth, body, model).
     Rejected,
     ConfigError,
+    /// A bug in the proxy (a request it could not build).
+    InternalError,
     Health,
 }
 
@@ -78,6 +80,7 @@ impl Outcome {
             Outcome::UpstreamFailure => "upstream_failure",
             Outcome::Rejected => "rejected",
             Outcome::ConfigError => "config_error",
+            Outcome::InternalError => "internal_error",
             Outcome::Health => "health",
         }
     }
@@ -391,11 +394,17 @@ impl Proxy {
                 ready,
                 route,
                 &forward,
-                key,
+                key.clone(),
                 budget,
                 summary.model.as_deref(),
             )
             .await;
+        if let RunOutcome::Unsendable { detail } = &run.outcome {
+            tracing::error!(detail, "the request to OpenAI could not be built");
+            if let Some(setting) = ready.upstream.unsendable_setting(&forward, &key) {
+                return unsendable_config(&ready.settings, setting, summary, id);
+            }
+        }
         respond(run, id, budget, summary)
     }
 
@@ -501,6 +510,27 @@ impl Proxy {
     }
 }
 
+/// The request to OpenAI could not be built because of a setting's value: 500 `config_error`
+/// naming it (nothing was sent or retried). Without a culprit, [`respond`] answers
+/// `internal_error`.
+fn unsendable_config(
+    settings: &Settings,
+    setting: &'static str,
+    summary: &mut Summary,
+    id: &str,
+) -> ProxyResponse {
+    let setting = match (setting, &settings.openai_key) {
+        ("OPENAI_API_KEY", KeySource::SecretArn(_)) => "OPENAI_API_KEY_SECRET_ARN",
+        _ => setting,
+    };
+    config_error(
+        summary,
+        id,
+        setting,
+        "holds a value that cannot be sent in an HTTP request",
+    )
+}
+
 fn config_error(summary: &mut Summary, id: &str, setting: &str, problem: &str) -> ProxyResponse {
     summary.code = Some(ErrorCode::ConfigError);
     summary.outcome = Outcome::ConfigError;
@@ -598,6 +628,19 @@ fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> P
                 AttemptOutcome::Failed { .. } => None,
             };
             (resp, reply)
+        }
+        RunOutcome::Unsendable { .. } => {
+            // Nothing reached the upstream: no attempt to count or report.
+            summary.attempts.clear();
+            summary.code = Some(ErrorCode::InternalError);
+            summary.outcome = Outcome::InternalError;
+            let resp = ProxyResponse::error(
+                ErrorCode::InternalError,
+                "The proxy could not build the request to OpenAI. This is a bug in the proxy, not in your request.",
+                None,
+                id,
+            );
+            (resp, None)
         }
         RunOutcome::NoTimeToStart { remaining_ms } => {
             let code = ErrorCode::UpstreamTimeout;
