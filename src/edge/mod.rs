@@ -22,6 +22,7 @@ use crate::retry::{
     RetryPolicy, RetryRun, RunOutcome, SystemClock, TokioSleeper, UpstreamReply, epoch_ms,
 };
 use crate::secrets::Secrets;
+use crate::telemetry::logs;
 use crate::telemetry::metrics::{InvocationMetrics, MetricsSink};
 use crate::upstream::{ForwardRequest, UpstreamClient};
 use request::{BodyError, GatewayEvent};
@@ -70,6 +71,8 @@ enum Outcome {
     /// A bug in the proxy (a request it could not build).
     InternalError,
     Health,
+    /// The handler panicked (a bug): answered 500 `internal_error`.
+    InternalError,
 }
 
 impl Outcome {
@@ -82,8 +85,18 @@ impl Outcome {
             Outcome::ConfigError => "config_error",
             Outcome::InternalError => "internal_error",
             Outcome::Health => "health",
+            Outcome::InternalError => "internal_error",
         }
     }
+}
+
+/// When an invocation started, and whether its `request finished` line and metrics record
+/// were written (a panic after either must not write it twice).
+struct Ending {
+    started: u64,
+    cold_start: bool,
+    logged: AtomicBool,
+    recorded: AtomicBool,
 }
 
 /// What the `request finished` line and the metrics need.
@@ -131,46 +144,59 @@ impl Proxy {
     }
 
     /// Answers one event. Runs the work on its own task so that even a panic becomes a §5
-    /// 500 answer instead of a bare Lambda error.
+    /// 500 answer instead of a bare Lambda error, and still ends in one `request finished`
+    /// line and one metrics record.
     pub async fn handle_event(self: &Arc<Self>, event: Value, invocation: Invocation) -> Value {
+        logs::begin_invocation(&invocation.request_id);
         let span = tracing::info_span!("invocation", lambda_request_id = %invocation.request_id);
-        let kind = GatewayEvent::parse(&event).map(|e| e.kind);
-        let proxy = self.clone();
-        let inv = invocation.clone();
-        let task =
-            tokio::spawn(async move { proxy.handle(&event, &inv).await }.instrument(span.clone()));
-        match task.await {
-            Ok(v) => v,
-            Err(e) => {
-                let _g = span.enter();
-                tracing::error!(
-                    panic = e.is_panic(),
-                    "handler failed; answering 500 internal_error"
-                );
-                let resp = ProxyResponse::error(
-                    ErrorCode::InternalError,
-                    "The proxy failed while handling this request. This is a bug in the proxy, not in your request.",
-                    None,
-                    &invocation.request_id,
-                );
-                render(kind, finish_headers(resp, &invocation.request_id))
-            }
-        }
+        let ending = Arc::new(Ending {
+            started: epoch_ms(),
+            cold_start: self.cold_start.swap(false, Ordering::Relaxed),
+            logged: AtomicBool::new(false),
+            recorded: AtomicBool::new(false),
+        });
+        let parsed = GatewayEvent::parse(&event).map(|e| (e.kind, e.start_ms, e.path.clone()));
+        let (proxy, inv, end) = (self.clone(), invocation.clone(), ending.clone());
+        let task = tokio::spawn(
+            async move { proxy.handle(&event, &inv, &end).await }.instrument(span.clone()),
+        );
+        let e = match task.await {
+            Ok(v) => return v,
+            Err(e) => e,
+        };
+        let _g = span.enter();
+        tracing::error!(
+            panic = e.is_panic(),
+            "handler failed; answering 500 internal_error"
+        );
+        let id = invocation.request_id.as_str();
+        let resp = ProxyResponse::error(
+            ErrorCode::InternalError,
+            "The proxy failed while handling this request. This is a bug in the proxy, not in your request.",
+            None,
+            id,
+        );
+        let resp = finish_headers(resp, id);
+        let route = parsed.as_ref().and_then(|(_, _, path)| routes::find(path));
+        let summary = Summary {
+            route: route.map_or("unknown", |r| r.path),
+            model: None,
+            code: Some(ErrorCode::InternalError),
+            outcome: Outcome::InternalError,
+            attempts: Vec::new(),
+        };
+        let gateway = parsed.as_ref().map(|(kind, start, _)| (*kind, *start));
+        let budget = self.budget(&invocation, gateway, ending.started);
+        self.finish(id, &summary, &resp, &budget, &ending);
+        render(parsed.map(|(kind, _, _)| kind), resp)
     }
 
     /// Answers one event (no panic guard; see [`Proxy::handle_event`]).
-    pub async fn handle(&self, event: &Value, invocation: &Invocation) -> Value {
-        let started = epoch_ms();
-        let cold_start = self.cold_start.swap(false, Ordering::Relaxed);
+    async fn handle(&self, event: &Value, invocation: &Invocation, ending: &Ending) -> Value {
         let id = invocation.request_id.as_str();
         let parsed = GatewayEvent::parse(event);
         let gateway = parsed.as_ref().map(|e| (e.kind, e.start_ms));
-        // Misconfigured: nothing goes upstream, but the default deadline still makes sense.
-        let deadline = self
-            .state
-            .as_ref()
-            .map_or_else(|_| DeadlineSettings::default(), |r| r.settings.deadline());
-        let budget = Budget::compute(invocation.deadline_ms, gateway, started, &deadline);
+        let budget = self.budget(invocation, gateway, ending.started);
         self.warn_about_emulators(&budget, invocation);
 
         let mut summary = Summary {
@@ -193,16 +219,47 @@ impl Proxy {
             }
         };
         let resp = finish_headers(resp, id);
-        let elapsed_ms = epoch_ms().saturating_sub(started);
-        log_finished(&summary, &resp, elapsed_ms, &budget, cold_start);
-        if summary.outcome != Outcome::Health {
+        self.finish(id, &summary, &resp, &budget, ending);
+        render(parsed.map(|e| e.kind), resp)
+    }
+
+    /// The invocation's budget. Misconfigured: nothing goes upstream, but the default deadline
+    /// still makes sense.
+    fn budget(
+        &self,
+        invocation: &Invocation,
+        gateway: Option<(GatewayKind, Option<u64>)>,
+        started: u64,
+    ) -> Budget {
+        let deadline = self
+            .state
+            .as_ref()
+            .map_or_else(|_| DeadlineSettings::default(), |r| r.settings.deadline());
+        Budget::compute(invocation.deadline_ms, gateway, started, &deadline)
+    }
+
+    /// The `request finished` line and the metrics record, each written once per invocation
+    /// (after a panic, only what the handler did not write yet).
+    fn finish(
+        &self,
+        id: &str,
+        summary: &Summary,
+        resp: &ProxyResponse,
+        budget: &Budget,
+        ending: &Ending,
+    ) {
+        let cold_start = ending.cold_start;
+        if !ending.logged.swap(true, Ordering::SeqCst) {
+            let elapsed_ms = epoch_ms().saturating_sub(ending.started);
+            log_finished(summary, resp, elapsed_ms, budget, cold_start);
+        }
+        if summary.outcome != Outcome::Health && !ending.recorded.swap(true, Ordering::SeqCst) {
             let failed = summary.code.is_some_and(ErrorCode::is_upstream_failure);
             self.metrics.record(
                 id,
                 InvocationMetrics::from_attempts(&summary.attempts, failed, cold_start),
             );
         }
-        render(parsed.map(|e| e.kind), resp)
     }
 
     fn warn_about_emulators(&self, budget: &Budget, invocation: &Invocation) {
@@ -869,7 +926,7 @@ fn log_finished(
     }
     match s.outcome {
         Outcome::UpstreamFailure => finished_event!(warn),
-        Outcome::ConfigError => finished_event!(error),
+        Outcome::ConfigError | Outcome::InternalError => finished_event!(error),
         _ => finished_event!(info),
     }
 }
