@@ -68,10 +68,8 @@ enum Outcome {
     /// The caller's request was refused (route, method, auth, body, model).
     Rejected,
     ConfigError,
-    /// A bug in the proxy (a request it could not build).
-    InternalError,
     Health,
-    /// The handler panicked (a bug): answered 500 `internal_error`.
+    /// A bug (the handler panicked, or a request it could not build): 500 `internal_error`.
     InternalError,
 }
 
@@ -83,7 +81,6 @@ impl Outcome {
             Outcome::UpstreamFailure => "upstream_failure",
             Outcome::Rejected => "rejected",
             Outcome::ConfigError => "config_error",
-            Outcome::InternalError => "internal_error",
             Outcome::Health => "health",
             Outcome::InternalError => "internal_error",
         }
