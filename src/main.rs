@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use lambda_runtime::{Error, LambdaEvent, Runtime, layers, service_fn};
-use openai_lambda_proxy::config::{ClientAuth, KeySource, Settings};
+use openai_lambda_proxy::config::Settings;
 use openai_lambda_proxy::secrets::Secrets;
 use openai_lambda_proxy::telemetry::backend::Metrics;
 use openai_lambda_proxy::telemetry::logs;
@@ -15,10 +15,7 @@ use serde_json::Value;
 async fn main() -> Result<(), Error> {
     logs::init();
     let settings = Settings::from_env();
-    let uses_secrets = settings.as_ref().is_ok_and(|s| {
-        matches!(s.openai_key, KeySource::SecretArn(_))
-            || matches!(s.auth, ClientAuth::SecretArn(_))
-    });
+    let uses_secrets = settings.as_ref().is_ok_and(Settings::uses_secrets);
     let aws = if uses_secrets || Metrics::needs_aws_config(settings.as_ref().ok()) {
         Some(aws_config::load_from_env().await)
     } else {

@@ -9,6 +9,7 @@ use reqwest::header::HeaderValue;
 use reqwest::{Method, redirect};
 
 use crate::retry::{AttemptOutcome, FailureKind, UpstreamReply};
+use crate::upstreams::UpstreamSpec;
 
 /// Response headers worth keeping from the upstream (the rest are dropped).
 const KEPT_HEADERS: [&str; 6] = [
@@ -23,9 +24,17 @@ const KEPT_HEADERS: [&str; 6] = [
 #[derive(Clone, Debug)]
 pub struct UpstreamClient {
     http: reqwest::Client,
-    base_url: String,
     /// No answer body is read past this many bytes (Lambda's response limit).
     max_body_bytes: usize,
+}
+
+/// The configured part of a request that could not be built ([`UpstreamClient::unsendable_part`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnsendablePart {
+    BaseUrl,
+    Key,
+    Organization,
+    Project,
 }
 
 /// One request to forward (spec §2: only these headers go upstream).
@@ -38,14 +47,11 @@ pub struct ForwardRequest {
     pub content_type: Option<String>,
     pub idempotency_key: Option<String>,
     pub client_request_id: String,
-    pub organization: Option<String>,
-    pub project: Option<String>,
 }
 
 impl UpstreamClient {
     /// `max_body_bytes`: an answer body longer than this is not read (see [`UpstreamReply::oversized`]).
     pub fn new(
-        base_url: &str,
         connect_timeout_ms: u64,
         max_body_bytes: usize,
     ) -> Result<UpstreamClient, reqwest::Error> {
@@ -59,40 +65,52 @@ impl UpstreamClient {
             .build()?;
         Ok(UpstreamClient {
             http,
-            base_url: base_url.trim_end_matches('/').to_owned(),
             max_body_bytes,
         })
     }
 
-    /// Which part of a request that could not be built is at fault: the setting that holds it
-    /// (`OPENAI_API_KEY` stands for wherever the key came from), else `None` (a bug).
-    pub fn unsendable_setting(&self, req: &ForwardRequest, api_key: &str) -> Option<&'static str> {
+    /// Which part of a request to `upstream` that could not be built is at fault, if any
+    /// (else it is a bug): the base URL, the key, the organization or the project.
+    pub fn unsendable_part(
+        req: &ForwardRequest,
+        upstream: &UpstreamSpec,
+        api_key: &str,
+    ) -> Option<UnsendablePart> {
         let header_ok = |v: &str| HeaderValue::from_str(v).is_ok();
-        if reqwest::Url::parse(&format!("{}{}", self.base_url, req.path)).is_err() {
-            Some("OPENAI_BASE_URL")
-        } else if !header_ok(&format!("Bearer {api_key}")) {
-            Some("OPENAI_API_KEY")
-        } else if !req.organization.as_deref().is_none_or(header_ok) {
-            Some("OPENAI_ORGANIZATION")
-        } else if !req.project.as_deref().is_none_or(header_ok) {
-            Some("OPENAI_PROJECT")
+        let (_, auth) = upstream.kind.auth_header(api_key);
+        if reqwest::Url::parse(&format!("{}{}", upstream.base_url, req.path)).is_err() {
+            Some(UnsendablePart::BaseUrl)
+        } else if !header_ok(&auth) {
+            Some(UnsendablePart::Key)
+        } else if !upstream.organization.as_deref().is_none_or(header_ok) {
+            Some(UnsendablePart::Organization)
+        } else if !upstream.project.as_deref().is_none_or(header_ok) {
+            Some(UnsendablePart::Project)
         } else {
             None
         }
     }
 
-    /// Sends one attempt; never takes longer than `timeout_ms` (connect, headers and body).
+    /// Sends one attempt to `upstream` with its key (`Authorization: Bearer` for OpenAI,
+    /// `api-key` for Azure) and `body` (the request's, with the model the upstream expects).
+    /// Never takes longer than `timeout_ms` (connect, headers and body).
     pub async fn send(
         &self,
         req: &ForwardRequest,
+        upstream: &UpstreamSpec,
         api_key: &str,
+        body: Bytes,
         timeout_ms: u64,
     ) -> AttemptOutcome {
         let timeout = Duration::from_millis(timeout_ms);
+        let (auth_name, auth_value) = upstream.kind.auth_header(api_key);
         let mut builder = self
             .http
-            .request(req.method.clone(), format!("{}{}", self.base_url, req.path))
-            .bearer_auth(api_key)
+            .request(
+                req.method.clone(),
+                format!("{}{}", upstream.base_url, req.path),
+            )
+            .header(auth_name, auth_value)
             .header("x-client-request-id", &req.client_request_id)
             .timeout(timeout);
         if req.method == Method::POST {
@@ -101,11 +119,11 @@ impl UpstreamClient {
                     "content-type",
                     req.content_type.as_deref().unwrap_or("application/json"),
                 )
-                .body(req.body.clone());
+                .body(body);
         }
         for (name, value) in [
-            ("openai-organization", &req.organization),
-            ("openai-project", &req.project),
+            ("openai-organization", &upstream.organization),
+            ("openai-project", &upstream.project),
             ("idempotency-key", &req.idempotency_key),
         ] {
             if let Some(v) = value {

@@ -587,8 +587,17 @@ fn proxy_with_settings(
 async fn a_request_that_cannot_be_built_is_a_config_error_naming_the_setting_not_retried() {
     let _logs = logs::check(&[SERVER_KEY, TOKEN_A]);
     let sim = simulator().await;
+    let first = |s: &openai_lambda_proxy::config::Settings| match &s.upstreams {
+        openai_lambda_proxy::upstreams::UpstreamsSource::List(list) => list[0].clone(),
+        _ => unreachable!("a list from the §7 settings"),
+    };
+    let set_first = |s: &mut openai_lambda_proxy::config::Settings, spec| {
+        s.upstreams = openai_lambda_proxy::upstreams::UpstreamsSource::List(vec![spec]);
+    };
     let p = proxy_with_settings(&sim, |s| {
-        s.openai_organization = Some("org-\u{1}broken".into());
+        let mut spec = first(s);
+        spec.organization = Some("org-\u{1}broken".into());
+        set_first(s, spec);
     });
     let (resp, _) = invoke(&p, chat_event(Some(&bearer(TOKEN_A)))).await;
     assert_error_naming(&resp, 500, "config_error", "OPENAI_ORGANIZATION");
@@ -597,7 +606,9 @@ async fn a_request_that_cannot_be_built_is_a_config_error_naming_the_setting_not
     assert!(sim.requests().is_empty(), "nothing was sent");
 
     let p = proxy_with_settings(&sim, |s| {
-        s.openai_project = Some("proj\nx".into());
+        let mut spec = first(s);
+        spec.project = Some("proj\nx".into());
+        set_first(s, spec);
     });
     let (resp, _) = invoke(&p, chat_event(Some(&bearer(TOKEN_A)))).await;
     assert_error_naming(&resp, 500, "config_error", "OPENAI_PROJECT");

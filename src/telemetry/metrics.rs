@@ -12,6 +12,12 @@ pub struct InvocationMetrics {
     pub upstream_connection_errors: u64,
     pub retries: u64,
     pub upstream_failures: u64,
+    /// §11: switches to another upstream or model.
+    pub fallbacks: u64,
+    /// §11: 1 when an open breaker made the request skip an upstream or refused it.
+    pub circuit_open: u64,
+    /// §11: attempts not started because they were hopeless.
+    pub attempts_skipped: u64,
     /// `UpstreamLatency`, one value per attempt, in ms.
     pub upstream_latency_ms: Vec<f64>,
     pub cold_start: bool,
@@ -63,6 +69,9 @@ impl InvocationMetrics {
             count("UpstreamConnectionErrors", self.upstream_connection_errors),
             count("Retries", self.retries),
             count("UpstreamFailures", self.upstream_failures),
+            count("Fallbacks", self.fallbacks),
+            count("CircuitOpen", self.circuit_open),
+            count("AttemptsSkipped", self.attempts_skipped),
         ];
         if !self.upstream_latency_ms.is_empty() {
             data.push(Datum {
@@ -76,8 +85,8 @@ impl InvocationMetrics {
     }
 }
 
-/// Every metric name of §8, in the order [`InvocationMetrics::data`] emits them.
-pub const METRIC_NAMES: [&str; 9] = [
+/// Every metric name of §8 and §11, in the order [`InvocationMetrics::data`] emits them.
+pub const METRIC_NAMES: [&str; 12] = [
     "Requests",
     "Upstream5xx",
     "Upstream429",
@@ -85,6 +94,9 @@ pub const METRIC_NAMES: [&str; 9] = [
     "UpstreamConnectionErrors",
     "Retries",
     "UpstreamFailures",
+    "Fallbacks",
+    "CircuitOpen",
+    "AttemptsSkipped",
     "UpstreamLatency",
     "ColdStart",
 ];
@@ -143,6 +155,11 @@ mod tests {
     fn attempt(status: Option<u16>, kind: Option<FailureKind>, latency_ms: u64) -> AttemptRecord {
         AttemptRecord {
             attempt: 1,
+            target: crate::upstreams::fallback::Target {
+                upstream: 0,
+                model: 0,
+            },
+            expected_ms: None,
             status,
             error_kind: kind,
             latency_ms,
@@ -194,6 +211,25 @@ mod tests {
         assert_eq!(value("Upstream429"), [0.0]);
         assert_eq!(value("Retries"), [1.0]);
         assert_eq!(value("ColdStart"), [0.0]);
+        assert_eq!(value("Fallbacks"), [0.0]);
+        let routed = InvocationMetrics {
+            fallbacks: 2,
+            circuit_open: 1,
+            attempts_skipped: 1,
+            ..m.clone()
+        }
+        .data();
+        let routed_value = |name: &str| {
+            routed
+                .iter()
+                .find(|d| d.name == name)
+                .unwrap()
+                .values
+                .clone()
+        };
+        assert_eq!(routed_value("Fallbacks"), [2.0]);
+        assert_eq!(routed_value("CircuitOpen"), [1.0]);
+        assert_eq!(routed_value("AttemptsSkipped"), [1.0]);
         assert_eq!(value("UpstreamLatency"), [12.0, 34.0]);
         for d in &data {
             let unit = if d.name == "UpstreamLatency" {

@@ -35,6 +35,9 @@ COUNT_METRICS = [
     "UpstreamConnectionErrors",
     "Retries",
     "UpstreamFailures",
+    "Fallbacks",
+    "CircuitOpen",
+    "AttemptsSkipped",
     "ColdStart",
 ]
 ALL_METRICS = COUNT_METRICS[:-1] + ["UpstreamLatency", "ColdStart"]
