@@ -2,6 +2,7 @@
 //! answer in the §5 shape; the handler never returns an error to the runtime (API Gateway would
 //! turn it into a bare 502) and never panics.
 
+pub mod render;
 pub mod request;
 pub mod response;
 pub mod routes;
@@ -9,7 +10,6 @@ pub mod routes;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use base64::Engine as _;
 use bytes::Bytes;
 use serde_json::{Value, json};
 use tracing::Instrument;
@@ -24,11 +24,14 @@ use crate::retry::{
 use crate::secrets::Secrets;
 use crate::telemetry::metrics::{InvocationMetrics, MetricsSink};
 use crate::upstream::{ForwardRequest, UpstreamClient};
+use render::render;
 use request::{BodyError, GatewayEvent};
 use response::{ErrorCode, ProxyResponse, UpstreamSummary, seconds};
 use routes::{Route, RouteKind};
 
 const STATUS_PAGE: &str = "https://status.openai.com";
+/// The routes, for messages.
+const SERVED: &str = "POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses, /v1/moderations, GET /v1/models and GET /health";
 
 /// What the runtime tells us about one invocation.
 #[derive(Clone, Debug)]
@@ -123,7 +126,7 @@ impl Proxy {
     /// 500 answer instead of a bare Lambda error.
     pub async fn handle_event(self: &Arc<Self>, event: Value, invocation: Invocation) -> Value {
         let span = tracing::info_span!("invocation", lambda_request_id = %invocation.request_id);
-        let kind = GatewayEvent::parse(&event).map(|e| e.kind);
+        let front = GatewayEvent::parse(&event).map(|e| e.front());
         let proxy = self.clone();
         let inv = invocation.clone();
         let task =
@@ -142,7 +145,7 @@ impl Proxy {
                     None,
                     &invocation.request_id,
                 );
-                render(kind, finish_headers(resp, &invocation.request_id))
+                render(front, finish_headers(resp, &invocation.request_id))
             }
         }
     }
@@ -175,7 +178,7 @@ impl Proxy {
                 summary.code = Some(ErrorCode::InvalidRequest);
                 ProxyResponse::error(
                     ErrorCode::InvalidRequest,
-                    "The event is not an API Gateway (REST or HTTP API) or Lambda function URL request.",
+                    "The event is not an HTTP request from API Gateway (REST or HTTP API), a Lambda function URL or an Application Load Balancer.",
                     None,
                     id,
                 )
@@ -191,7 +194,7 @@ impl Proxy {
                 InvocationMetrics::from_attempts(&summary.attempts, failed, cold_start),
             );
         }
-        render(parsed.map(|e| e.kind), resp)
+        render(parsed.map(|e| e.front()), resp)
     }
 
     fn warn_about_emulators(&self, budget: &Budget, invocation: &Invocation) {
@@ -224,10 +227,17 @@ impl Proxy {
             summary.code = Some(code);
             ProxyResponse::error(code, message, None, id)
         };
+        if ev.kind == GatewayKind::WebSocket {
+            let message = format!(
+                "WebSocket API routes are not served by this proxy (route {}). It answers HTTP requests from API Gateway, a Lambda function URL or an Application Load Balancer: {SERVED}.",
+                printable(&ev.path)
+            );
+            return reject(summary, ErrorCode::NotFound, message);
+        }
         let Some(route) = routes::find(&ev.path) else {
             let message = format!(
-                "Unknown route {} {}. This proxy serves POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses, /v1/moderations, GET /v1/models and GET /health.",
-                ev.method,
+                "Unknown route {} {}. This proxy serves {SERVED}.",
+                printable(&ev.method),
                 printable(&ev.path)
             );
             return reject(summary, ErrorCode::NotFound, message);
@@ -643,32 +653,6 @@ fn finish_headers(mut resp: ProxyResponse, id: &str) -> ProxyResponse {
         resp.set_header("x-should-retry", "false");
     }
     resp
-}
-
-/// Shapes the response for the gateway that sent the event (HTTP API v2 / function URL format
-/// for anything not REST v1).
-fn render(kind: Option<GatewayKind>, resp: ProxyResponse) -> Value {
-    let (body, is_base64) = match std::str::from_utf8(&resp.body) {
-        Ok(s) => (s.to_owned(), false),
-        Err(_) => (
-            base64::engine::general_purpose::STANDARD.encode(&resp.body),
-            true,
-        ),
-    };
-    let headers: serde_json::Map<String, Value> = resp
-        .headers
-        .into_iter()
-        .map(|(k, v)| (k, Value::String(v)))
-        .collect();
-    match kind {
-        Some(GatewayKind::RestV1) => json!({
-            "statusCode": resp.status, "headers": headers, "body": body, "isBase64Encoded": is_base64,
-        }),
-        _ => json!({
-            "statusCode": resp.status, "headers": headers, "body": body, "isBase64Encoded": is_base64,
-            "cookies": [],
-        }),
-    }
 }
 
 /// Whether a client header value can be forwarded (what `http::HeaderValue` accepts).
