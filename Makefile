@@ -13,7 +13,7 @@ help:
 	@echo "make demo   - run the function under cargo lambda watch on the sample events, against the simulator"
 	@echo "make test   - every test: unit, integration, metrics (moto), end-to-end (cargo lambda watch), template lint"
 	@echo "make bench  - benchmarks (README: Benchmarks)"
-	@echo "make sam-build - sam build (arm64) into .aws-sam/build"
+	@echo "make sam-build - sam build (the template's architecture) into .aws-sam/build"
 
 venv: $(STAMP)
 $(STAMP): tools/requirements.txt

@@ -1,6 +1,8 @@
 //! The deadline budget (spec §4): how long this invocation may spend on the upstream.
 //!
-//! `deadline = min(Lambda deadline, gateway start + gateway timeout) − DEADLINE_MARGIN_MS`.
+//! `deadline = min(Lambda deadline − flush reserve, gateway start + gateway timeout) −
+//! DEADLINE_MARGIN_MS`, the flush reserve being [`METRICS_FLUSH_RESERVE_MS`] with
+//! `METRICS_BACKEND=cloudwatch` and 0 otherwise.
 //! Local emulators lie (a constant Lambda deadline of 600000, stale `timeEpoch` in sample
 //! events), so implausible values are replaced or ignored; real ones are never second-guessed.
 
@@ -40,12 +42,24 @@ impl GatewayKind {
     }
 }
 
+/// Time kept free before the Lambda deadline for the metrics flush that runs after the
+/// answer (`METRICS_BACKEND=cloudwatch`: one `PutMetricData`, bounded by its timeout). Lambda's
+/// timeout covers that post-response work too: an answer that used the whole Lambda deadline
+/// would leave the flush to be killed mid-call ("Task timed out"), losing the invocation's
+/// metrics and the warm environment. Only binds where the Lambda deadline does (function URLs,
+/// or a Lambda timeout shorter than the gateway's plus this reserve).
+pub const METRICS_FLUSH_RESERVE_MS: u64 =
+    crate::telemetry::cloudwatch::PUT_TIMEOUT.as_millis() as u64;
+
 /// The settings the budget depends on.
 #[derive(Clone, Copy, Debug)]
 pub struct DeadlineSettings {
     pub margin_ms: u64,
     pub fallback_timeout_ms: u64,
     pub gateway_timeout_ms: Option<u64>,
+    /// Kept free before a real Lambda deadline for work after the answer
+    /// ([`METRICS_FLUSH_RESERVE_MS`] when metrics are flushed after the response, else 0).
+    pub flush_reserve_ms: u64,
 }
 
 /// The spec's defaults (`DEADLINE_MARGIN_MS`, `FALLBACK_TIMEOUT_MS`, `GATEWAY_TIMEOUT_MS` unset).
@@ -55,6 +69,7 @@ impl Default for DeadlineSettings {
             margin_ms: 500,
             fallback_timeout_ms: 30_000,
             gateway_timeout_ms: None,
+            flush_reserve_ms: 0,
         }
     }
 }
@@ -90,8 +105,9 @@ impl Budget {
     ) -> Budget {
         let plausible = lambda_deadline_ms > now_ms
             && lambda_deadline_ms <= now_ms + MAX_PLAUSIBLE_LAMBDA_AHEAD_MS;
+        // The reserve applies to real deadlines only: an emulator's fallback kills nothing.
         let lambda_deadline = if plausible {
-            lambda_deadline_ms
+            lambda_deadline_ms.saturating_sub(settings.flush_reserve_ms)
         } else {
             now_ms + settings.fallback_timeout_ms
         };
@@ -143,6 +159,7 @@ mod tests {
         margin_ms: 500,
         fallback_timeout_ms: 30_000,
         gateway_timeout_ms: None,
+        flush_reserve_ms: 0,
     };
 
     #[test]
@@ -191,6 +208,45 @@ mod tests {
         };
         let b = Budget::compute(NOW + 60_000, Some((GatewayKind::Alb, None)), NOW, &s);
         assert_eq!(b.budget_ms, 9_500);
+    }
+
+    #[test]
+    fn flush_reserve_keeps_the_metrics_flush_inside_a_function_url_lambda_deadline() {
+        let s = DeadlineSettings {
+            flush_reserve_ms: METRICS_FLUSH_RESERVE_MS,
+            ..S
+        };
+        // Function URL, 35 s Lambda timeout: the answer is due 3 s + margin before Lambda's
+        // deadline, so the post-response PutMetricData (at most 3 s) still fits.
+        let b = Budget::compute(
+            NOW + 35_000,
+            Some((GatewayKind::FunctionUrl, Some(NOW))),
+            NOW,
+            &s,
+        );
+        assert_eq!(METRICS_FLUSH_RESERVE_MS, 3_000);
+        assert_eq!(b.deadline_ms, NOW + 35_000 - 3_000 - 500);
+        assert_eq!(b.budget_ms, 31_500);
+        // Behind an HTTP API with a 35 s Lambda timeout the gateway still binds: the reserve
+        // costs callers nothing there.
+        let b = Budget::compute(
+            NOW + 35_000,
+            Some((GatewayKind::HttpApiV2, Some(NOW - 200))),
+            NOW,
+            &s,
+        );
+        assert_eq!(b.budget_ms, 29_300);
+        // With a 31 s Lambda timeout it would bind, and keep the flush inside it too.
+        let b = Budget::compute(
+            NOW + 31_000,
+            Some((GatewayKind::HttpApiV2, Some(NOW))),
+            NOW,
+            &s,
+        );
+        assert_eq!(b.deadline_ms, NOW + 31_000 - 3_000 - 500);
+        // An emulator's fallback deadline is not a real one: no reserve.
+        let b = Budget::compute(600_000, None, NOW, &s);
+        assert_eq!(b.budget_ms, 29_500);
     }
 
     #[test]

@@ -7,7 +7,11 @@ use std::fmt;
 
 use reqwest::Url;
 
-use crate::budget::DeadlineSettings;
+use crate::budget::{DeadlineSettings, METRICS_FLUSH_RESERVE_MS};
+use crate::upstreams::breaker::BreakerSettings;
+use crate::upstreams::{
+    ModelFallbacks, UpstreamKind, UpstreamSpec, UpstreamsSource, parse_upstreams,
+};
 
 /// Everything the function can be configured with. Built by [`Settings::from_env`].
 #[derive(Clone, Debug)]
@@ -33,6 +37,25 @@ pub struct Settings {
     pub metrics_namespace: String,
     /// `AWS_LAMBDA_FUNCTION_NAME`, the metrics dimension.
     pub function_name: String,
+    /// `UPSTREAMS` / `UPSTREAMS_SECRET_ARN`, else the one `openai` upstream of §7 (spec §11).
+    pub upstreams: UpstreamsSource,
+    pub fallback_after_failures: u32,
+    pub model_fallbacks: ModelFallbacks,
+    pub breaker: BreakerSettings,
+    pub skip_hopeless_attempts: bool,
+    /// `INVOKE_MODE`: how Lambda is invoked (must match the function URL / REST integration).
+    pub invoke_mode: InvokeMode,
+    /// `STREAM_IDLE_TIMEOUT_MS`: a committed stream with no data for longer than this ends.
+    pub stream_idle_timeout_ms: u64,
+}
+
+/// `INVOKE_MODE` (spec §10).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InvokeMode {
+    /// One JSON response per invocation (API Gateway HTTP API, REST API, function URL `BUFFERED`).
+    Buffered,
+    /// Lambda's streaming HTTP integration format (prelude, 8 NUL bytes, body) for every invocation.
+    ResponseStream,
 }
 
 /// Where the server's OpenAI key comes from.
@@ -138,7 +161,7 @@ impl Settings {
         let env = Env(&lookup);
         let openai_base_url = match env.get("OPENAI_BASE_URL") {
             None => "https://api.openai.com/v1".to_owned(),
-            Some(raw) => parse_base_url(&raw)?,
+            Some(raw) => parse_base_url("OPENAI_BASE_URL", &raw)?,
         };
         let openai_key = match (
             env.get("OPENAI_API_KEY_SECRET_ARN"),
@@ -201,18 +224,64 @@ impl Settings {
                 "must be at most 255 characters and not start with `AWS/`",
             ));
         }
+        let invoke_mode = match env.get("INVOKE_MODE").as_deref() {
+            None => InvokeMode::Buffered,
+            Some(m) if m.eq_ignore_ascii_case("BUFFERED") => InvokeMode::Buffered,
+            Some(m) if m.eq_ignore_ascii_case("RESPONSE_STREAM") => InvokeMode::ResponseStream,
+            Some(_) => {
+                return Err(invalid(
+                    "INVOKE_MODE",
+                    "must be `BUFFERED` or `RESPONSE_STREAM`",
+                ));
+            }
+        };
         let retry_max_attempts = env.number("RETRY_MAX_ATTEMPTS", 5, 1, 20)? as u32;
         let deadline = DeadlineSettings::default();
+        let openai_organization = env
+            .get("OPENAI_ORGANIZATION")
+            .map(|v| header_token("OPENAI_ORGANIZATION", v))
+            .transpose()?;
+        let openai_project = env
+            .get("OPENAI_PROJECT")
+            .map(|v| header_token("OPENAI_PROJECT", v))
+            .transpose()?;
+        let upstreams = match (env.get("UPSTREAMS_SECRET_ARN"), env.get("UPSTREAMS")) {
+            (Some(arn), _) => UpstreamsSource::SecretArn(arn),
+            (None, Some(raw)) => UpstreamsSource::List(parse_upstreams("UPSTREAMS", &raw)?),
+            (None, None) => UpstreamsSource::List(vec![UpstreamSpec {
+                name: "openai".into(),
+                base_url: openai_base_url.clone(),
+                kind: UpstreamKind::OpenAi,
+                key: openai_key.clone(),
+                organization: openai_organization.clone(),
+                project: openai_project.clone(),
+                models: Default::default(),
+            }]),
+        };
+        let model_fallbacks = env
+            .get("MODEL_FALLBACKS")
+            .map(|raw| ModelFallbacks::parse(&raw))
+            .transpose()?
+            .unwrap_or_default();
+        let breaker_defaults = BreakerSettings::default();
+        let breaker = BreakerSettings {
+            failures: env.number(
+                "BREAKER_FAILURES",
+                breaker_defaults.failures.into(),
+                0,
+                1000,
+            )? as u32,
+            cooldown_ms: env.number(
+                "BREAKER_COOLDOWN_MS",
+                breaker_defaults.cooldown_ms,
+                1,
+                FIFTEEN_MINUTES_MS,
+            )?,
+        };
         Ok(Settings {
             openai_base_url,
-            openai_organization: env
-                .get("OPENAI_ORGANIZATION")
-                .map(|v| header_token("OPENAI_ORGANIZATION", v))
-                .transpose()?,
-            openai_project: env
-                .get("OPENAI_PROJECT")
-                .map(|v| header_token("OPENAI_PROJECT", v))
-                .transpose()?,
+            openai_organization,
+            openai_project,
             openai_key,
             auth,
             allowed_models: env
@@ -239,17 +308,36 @@ impl Settings {
             function_name: env
                 .get("AWS_LAMBDA_FUNCTION_NAME")
                 .unwrap_or_else(|| "openai-lambda-proxy".into()),
+            upstreams,
+            fallback_after_failures: env.number("FALLBACK_AFTER_FAILURES", 2, 1, 20)? as u32,
+            model_fallbacks,
+            breaker,
+            skip_hopeless_attempts: env.flag("SKIP_HOPELESS_ATTEMPTS", true)?,
+            invoke_mode,
+            stream_idle_timeout_ms: env.number(
+                "STREAM_IDLE_TIMEOUT_MS",
+                crate::stream::DEFAULT_IDLE_TIMEOUT_MS,
+                1,
+                FIFTEEN_MINUTES_MS,
+            )?,
         })
     }
 }
 
 impl Settings {
-    /// The settings the deadline budget uses.
+    /// The settings the deadline budget uses. With `METRICS_BACKEND=cloudwatch` the metrics are
+    /// flushed after the answer, inside the Lambda deadline, so time is kept free for it.
     pub fn deadline(&self) -> DeadlineSettings {
+        let flushes_after_answer = self.metrics_backend == MetricsBackend::CloudWatch;
         DeadlineSettings {
             margin_ms: self.deadline_margin_ms,
             fallback_timeout_ms: self.fallback_timeout_ms,
             gateway_timeout_ms: self.gateway_timeout_ms,
+            flush_reserve_ms: if flushes_after_answer {
+                METRICS_FLUSH_RESERVE_MS
+            } else {
+                0
+            },
         }
     }
 }
@@ -278,22 +366,39 @@ fn header_token(setting: &'static str, value: String) -> Result<String, ConfigEr
     }
 }
 
-fn parse_base_url(raw: &str) -> Result<String, ConfigError> {
-    let url =
-        Url::parse(raw.trim()).map_err(|_| invalid("OPENAI_BASE_URL", "is not a valid URL"))?;
+/// An http(s) base URL with a host and no query or fragment, without its trailing slash.
+pub(crate) fn parse_base_url(setting: &'static str, raw: &str) -> Result<String, ConfigError> {
+    let url = Url::parse(raw.trim()).map_err(|_| invalid(setting, "is not a valid URL"))?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(invalid(
-            "OPENAI_BASE_URL",
-            "must be an http(s) URL with a host",
-        ));
+        return Err(invalid(setting, "must be an http(s) URL with a host"));
     }
     if url.query().is_some() || url.fragment().is_some() {
-        return Err(invalid(
-            "OPENAI_BASE_URL",
-            "must not carry a query or fragment",
-        ));
+        return Err(invalid(setting, "must not carry a query or fragment"));
     }
     Ok(url.as_str().trim_end_matches('/').to_owned())
+}
+
+/// Whether the (validated) upstream `base_url` is the host a request arrived on (its `Host`
+/// header): then `OPENAI_BASE_URL` is this proxy's own URL and every request would call the
+/// function again until the deadline. Hosts compare case-insensitively; ports must match (a
+/// `Host` without a port is the default port, as an upstream URL without one).
+pub fn is_own_host(base_url: &str, host_header: &str) -> bool {
+    let (Ok(upstream), Ok(arrived)) = (
+        Url::parse(base_url),
+        // A scheme without a default port, so an explicit `:443` or `:80` is kept as given.
+        Url::parse(&format!("host://{}", host_header.trim())),
+    ) else {
+        return false;
+    };
+    let name = |u: &Url| {
+        u.host_str()
+            .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+    };
+    let same_port = match arrived.port() {
+        Some(port) => upstream.port_or_known_default() == Some(port),
+        None => upstream.port().is_none(),
+    };
+    name(&upstream).is_some() && name(&upstream) == name(&arrived) && same_port
 }
 
 struct Env<'a, F: Fn(&str) -> Option<String>>(&'a F);
@@ -321,6 +426,15 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
                 problem: format!("is out of range (allowed {min}..={max})"),
             }),
             Err(_) => Err(invalid(name, "is not a whole number")),
+        }
+    }
+
+    fn flag(&self, name: &'static str, default: bool) -> Result<bool, ConfigError> {
+        match self.get(name).map(|v| v.to_ascii_lowercase()).as_deref() {
+            None => Ok(default),
+            Some("true" | "1" | "yes" | "on") => Ok(true),
+            Some("false" | "0" | "no" | "off") => Ok(false),
+            Some(_) => Err(invalid(name, "must be `true` or `false`")),
         }
     }
 
@@ -364,6 +478,8 @@ mod tests {
         assert_eq!(s.fallback_timeout_ms, 30_000);
         assert_eq!(s.metrics_backend, MetricsBackend::CloudWatch);
         assert_eq!(s.metrics_namespace, "OpenAIProxy");
+        assert_eq!(s.invoke_mode, InvokeMode::Buffered);
+        assert_eq!(s.stream_idle_timeout_ms, 30_000);
         assert!(matches!(s.auth, ClientAuth::Tokens(ref t) if t == &["t1", "t2"]));
     }
 
@@ -381,6 +497,17 @@ mod tests {
             ("OPENAI_ORGANIZATION", "org-x\nInjected: yes"),
             ("OPENAI_PROJECT", "proj ünïcode"),
             ("OPENAI_API_KEY", "sk-with\u{7}bell"),
+            ("UPSTREAMS", "[{\"name\": \"secret-name!\"}]"),
+            ("UPSTREAMS", "not-json-secret"),
+            ("MODEL_FALLBACKS", "[\"secret-model\"]"),
+            ("FALLBACK_AFTER_FAILURES", "21"),
+            ("FALLBACK_AFTER_FAILURES", "twice"),
+            ("BREAKER_FAILURES", "-1"),
+            ("BREAKER_COOLDOWN_MS", "1000000"),
+            ("SKIP_HOPELESS_ATTEMPTS", "perhaps-secret"),
+            ("INVOKE_MODE", "STREAMING-secret"),
+            ("STREAM_IDLE_TIMEOUT_MS", "9999999"),
+            ("STREAM_IDLE_TIMEOUT_MS", "soon"),
         ] {
             let mut pairs = MINIMAL.to_vec();
             pairs.retain(|(n, _)| *n != name);
@@ -389,6 +516,66 @@ mod tests {
             assert_eq!(err.setting, name);
             assert!(!err.to_string().contains(value), "{err} leaks {value}");
         }
+    }
+
+    #[test]
+    fn upstream_settings_default_to_the_single_openai_upstream() {
+        let s = settings(&[
+            ("OPENAI_API_KEY", "sk-test"),
+            ("PROXY_API_KEYS", "t"),
+            ("OPENAI_BASE_URL", "http://127.0.0.1:9/v1"),
+            ("OPENAI_ORGANIZATION", "org-1"),
+        ])
+        .unwrap();
+        let UpstreamsSource::List(list) = &s.upstreams else {
+            panic!("{:?}", s.upstreams)
+        };
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].name, "openai");
+        assert_eq!(list[0].base_url, "http://127.0.0.1:9/v1");
+        assert_eq!(list[0].kind, UpstreamKind::OpenAi);
+        assert!(matches!(list[0].key, KeySource::Env(ref k) if k == "sk-test"));
+        assert_eq!(list[0].organization.as_deref(), Some("org-1"));
+        assert_eq!(s.fallback_after_failures, 2);
+        assert_eq!(s.model_fallbacks.chain("gpt-4o"), ["gpt-4o"]);
+        assert_eq!(s.breaker, BreakerSettings::default());
+        assert_eq!((s.breaker.failures, s.breaker.cooldown_ms), (5, 10_000));
+        assert!(s.skip_hopeless_attempts);
+    }
+
+    #[test]
+    fn upstream_settings_are_read() {
+        let mut pairs = MINIMAL.to_vec();
+        pairs.extend([
+            (
+                "UPSTREAMS",
+                r#"[{"name":"a","base_url":"http://127.0.0.1:1/v1","api_key":"k1"},
+                    {"name":"b","base_url":"http://127.0.0.1:2/openai/v1","kind":"azure","api_key":"k2"}]"#,
+            ),
+            ("MODEL_FALLBACKS", r#"{"gpt-4o": ["gpt-4o-mini"]}"#),
+            ("FALLBACK_AFTER_FAILURES", "3"),
+            ("BREAKER_FAILURES", "0"),
+            ("BREAKER_COOLDOWN_MS", "2500"),
+            ("SKIP_HOPELESS_ATTEMPTS", "FALSE"),
+        ]);
+        let s = settings(&pairs).unwrap();
+        let UpstreamsSource::List(list) = &s.upstreams else {
+            panic!("{:?}", s.upstreams)
+        };
+        let names: Vec<&str> = list.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(list[1].kind, UpstreamKind::Azure);
+        assert_eq!(s.model_fallbacks.chain("gpt-4o"), ["gpt-4o", "gpt-4o-mini"]);
+        assert_eq!(s.fallback_after_failures, 3);
+        assert_eq!((s.breaker.failures, s.breaker.cooldown_ms), (0, 2500));
+        assert!(!s.skip_hopeless_attempts);
+        // The secret wins over the inline list, like OPENAI_API_KEY_SECRET_ARN does.
+        pairs.push((
+            "UPSTREAMS_SECRET_ARN",
+            "arn:aws:secretsmanager:us-east-1:1:secret:u",
+        ));
+        let s = settings(&pairs).unwrap();
+        assert!(matches!(s.upstreams, UpstreamsSource::SecretArn(_)));
     }
 
     #[test]
@@ -411,6 +598,86 @@ mod tests {
         let s = settings(&pairs).unwrap();
         assert_eq!(s.attempt_timeout_ms, None);
         assert_eq!(s.openai_base_url, "http://127.0.0.1:9/v1");
+    }
+
+    #[test]
+    fn metrics_namespace_reserved_for_aws_is_refused() {
+        // PutMetricData rejects "AWS/..." namespaces: every invocation's metrics would be lost.
+        for bad in ["AWS/Lambda", "AWS/"] {
+            let mut pairs = MINIMAL.to_vec();
+            pairs.push(("METRICS_NAMESPACE", bad));
+            let err = settings(&pairs).unwrap_err();
+            assert_eq!(err.setting, "METRICS_NAMESPACE");
+            assert!(err.problem.contains("AWS/"), "{err}");
+        }
+        let mut pairs = MINIMAL.to_vec();
+        pairs.push(("METRICS_NAMESPACE", "Team/AWS/Proxy"));
+        assert_eq!(
+            settings(&pairs).unwrap().metrics_namespace,
+            "Team/AWS/Proxy"
+        );
+    }
+
+    #[test]
+    fn flush_reserve_only_when_metrics_are_flushed_after_the_answer() {
+        for (backend, reserve) in [
+            ("cloudwatch", METRICS_FLUSH_RESERVE_MS),
+            ("emf", 0),
+            ("none", 0),
+        ] {
+            let mut pairs = MINIMAL.to_vec();
+            pairs.push(("METRICS_BACKEND", backend));
+            let d = settings(&pairs).unwrap().deadline();
+            assert_eq!(d.flush_reserve_ms, reserve, "{backend}");
+        }
+        // The default backend is cloudwatch.
+        let d = settings(&MINIMAL).unwrap().deadline();
+        assert_eq!(d.flush_reserve_ms, METRICS_FLUSH_RESERVE_MS);
+    }
+
+    #[test]
+    fn own_host_is_recognised_by_name_and_port() {
+        let api = "https://abc123.execute-api.us-east-1.amazonaws.com/v1";
+        assert!(is_own_host(
+            api,
+            "abc123.execute-api.us-east-1.amazonaws.com"
+        ));
+        assert!(is_own_host(
+            api,
+            "ABC123.execute-api.us-east-1.amazonaws.com."
+        ));
+        assert!(is_own_host(
+            api,
+            "abc123.execute-api.us-east-1.amazonaws.com:443"
+        ));
+        assert!(!is_own_host(
+            api,
+            "abc123.execute-api.us-east-1.amazonaws.com:8443"
+        ));
+        assert!(!is_own_host(api, "xyz.execute-api.us-east-1.amazonaws.com"));
+        assert!(is_own_host("http://127.0.0.1:9000/v1", "127.0.0.1:9000"));
+        // Same machine, other port: the local simulator behind `cargo lambda watch`.
+        assert!(!is_own_host("http://127.0.0.1:9123/v1", "127.0.0.1:9000"));
+        assert!(!is_own_host("http://127.0.0.1:9123/v1", "127.0.0.1"));
+        assert!(is_own_host("http://[::1]:8080/v1", "[::1]:8080"));
+        assert!(!is_own_host("https://api.openai.com/v1", ""));
+        assert!(!is_own_host("https://api.openai.com/v1", "bad host header"));
+    }
+
+    #[test]
+    fn invoke_mode_accepts_lambdas_spelling_in_any_case() {
+        for (raw, mode) in [
+            ("RESPONSE_STREAM", InvokeMode::ResponseStream),
+            ("response_stream", InvokeMode::ResponseStream),
+            ("BUFFERED", InvokeMode::Buffered),
+        ] {
+            let mut pairs = MINIMAL.to_vec();
+            pairs.push(("INVOKE_MODE", raw));
+            assert_eq!(settings(&pairs).unwrap().invoke_mode, mode);
+        }
+        let mut pairs = MINIMAL.to_vec();
+        pairs.push(("STREAM_IDLE_TIMEOUT_MS", "5000"));
+        assert_eq!(settings(&pairs).unwrap().stream_idle_timeout_ms, 5000);
     }
 
     #[test]

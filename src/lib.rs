@@ -10,7 +10,9 @@ pub mod config;
 pub mod edge;
 pub mod retry;
 pub mod secrets;
+pub mod stream;
 pub mod telemetry;
 pub mod upstream;
+pub mod upstreams;
 
 pub use edge::{Invocation, Proxy};

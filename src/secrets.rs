@@ -1,33 +1,170 @@
 //! Keys: the server's OpenAI key and the proxy tokens, from Secrets Manager or the environment.
-//! Secrets are fetched once and cached across warm invocations; every fetch is bounded by the
-//! invocation's deadline so a Secrets Manager outage becomes a clear error, not a hang.
+//!
+//! Each secret is one [`Cell`]: the value and when it was read, or the failures since. What a
+//! request does with a cell is the pure [`step`] (use it, read it again, or refuse at once) and
+//! what a read leaves behind is the pure [`settle`], both over an injected clock. So:
+//! - a read is bounded by the invocation's deadline: a Secrets Manager outage is a clear error,
+//!   not a hang;
+//! - a failed read is remembered with exponential backoff ([`backoff_ms`]): a flood of requests
+//!   (even unauthenticated ones, when the tokens cannot be read) is at most a few
+//!   `GetSecretValue` calls per minute, shared by concurrent requests;
+//! - the caller never sees AWS error text (it names accounts, roles and ARNs): only the setting.
+//!   The operator gets the whole error in one ERROR log line per failed read.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use aws_sdk_secretsmanager::config::http::HttpResponse;
+use aws_sdk_secretsmanager::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_secretsmanager::operation::get_secret_value::GetSecretValueError;
 use tokio::sync::Mutex;
 
 use crate::config::{ClientAuth, KeySource};
+use crate::retry::{Clock, SystemClock};
 
-/// A secret could not be had. Names the setting, never a value.
+/// First wait after a failed read; doubled after each further failure, up to [`BACKOFF_MAX_MS`].
+pub const BACKOFF_MIN_MS: u64 = 1_000;
+/// Longest wait between two reads of a secret that keeps failing.
+pub const BACKOFF_MAX_MS: u64 = 30_000;
+
+/// A secret could not be had. `setting` and `problem` are what the caller may see (never a
+/// value, never AWS text); `detail` is for the operator's log only.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SecretError {
     pub setting: &'static str,
     pub problem: String,
+    /// The whole error (SDK text, ARN), for the log. Never shown to callers.
+    pub detail: String,
+    /// Secrets Manager could not be reached or failed (timeout, network, 5xx, throttling): a
+    /// value read before stays in use. Otherwise the answer is definite (missing secret, access
+    /// denied, unusable value) and replaces it.
+    pub transient: bool,
 }
 
 impl std::fmt::Display for SecretError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.setting, self.problem)
+        write!(f, "{} {}", self.setting, self.problem)
     }
 }
 
+/// One cached secret.
+#[derive(Clone, Debug)]
+pub struct Cell<T> {
+    /// The value and when it was read (clock ms).
+    value: Option<(T, u64)>,
+    failure: Option<Failure>,
+}
+
+impl<T> Default for Cell<T> {
+    fn default() -> Self {
+        Cell {
+            value: None,
+            failure: None,
+        }
+    }
+}
+
+/// The failed reads since the last good one.
+#[derive(Clone, Debug)]
+struct Failure {
+    error: SecretError,
+    consecutive: u32,
+    /// No read before this time (clock ms).
+    retry_at_ms: u64,
+}
+
+/// What a request does with a cell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step<T> {
+    Use(T),
+    Read,
+    /// A recent read failed and its backoff has not passed: answer with that error, no call.
+    Refuse(SecretError),
+}
+
+/// The wait after `consecutive` failed reads: 1 s, 2 s, 4 s, … up to 30 s.
+pub fn backoff_ms(consecutive: u32) -> u64 {
+    let doublings = consecutive.saturating_sub(1).min(16);
+    (BACKOFF_MIN_MS << doublings).min(BACKOFF_MAX_MS)
+}
+
+/// Pure: what a request at `now_ms` does. A value is used while younger than `ttl_ms` (and not
+/// `stale`, i.e. rejected upstream); after a failure nothing is read before its backoff passed.
+pub fn step<T: Clone>(cell: &Cell<T>, now_ms: u64, ttl_ms: u64, stale: bool) -> Step<T> {
+    if let Some(f) = &cell.failure
+        && now_ms < f.retry_at_ms
+    {
+        return match &cell.value {
+            Some((v, _)) => Step::Use(v.clone()),
+            None => Step::Refuse(f.error.clone()),
+        };
+    }
+    match &cell.value {
+        Some((v, read_at)) if !stale && now_ms.saturating_sub(*read_at) < ttl_ms => {
+            Step::Use(v.clone())
+        }
+        _ => Step::Read,
+    }
+}
+
+/// Pure: the cell after a read that ended at `now_ms`, and the request's answer. A transient
+/// failure keeps the value read before in use (Secrets Manager being down does not take the
+/// proxy down); a definite one drops it.
+pub fn settle<T: Clone>(
+    cell: Cell<T>,
+    read: Result<T, SecretError>,
+    now_ms: u64,
+) -> (Cell<T>, Result<T, SecretError>) {
+    match read {
+        Ok(v) => (
+            Cell {
+                value: Some((v.clone(), now_ms)),
+                failure: None,
+            },
+            Ok(v),
+        ),
+        Err(error) => {
+            let consecutive = cell.failure.as_ref().map_or(0, |f| f.consecutive) + 1;
+            let value = cell.value.filter(|_| error.transient);
+            let answer = match &value {
+                Some((v, _)) => Ok(v.clone()),
+                None => Err(error.clone()),
+            };
+            let failure = Failure {
+                error,
+                consecutive,
+                retry_at_ms: now_ms.saturating_add(backoff_ms(consecutive)),
+            };
+            let cell = Cell {
+                value,
+                failure: Some(failure),
+            };
+            (cell, answer)
+        }
+    }
+}
+
+/// What callers see when Secrets Manager refused or failed: the setting, nothing of the error.
+const UNREADABLE: &str =
+    "could not be read from Secrets Manager (the function's log has the details)";
+
 /// Cached secrets. One per process.
-#[derive(Debug)]
 pub struct Secrets {
     client: Option<aws_sdk_secretsmanager::Client>,
-    openai_key: Mutex<Option<Arc<str>>>,
-    proxy_tokens: Mutex<Option<Arc<[String]>>>,
+    clock: Arc<dyn Clock + Send + Sync>,
+    /// Values older than this are read again (cached for the environment's life when `u64::MAX`).
+    ttl_ms: u64,
+    openai_key: Mutex<Cell<Arc<str>>>,
+    proxy_tokens: Mutex<Cell<Arc<[String]>>>,
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secrets")
+            .field("client", &self.client.is_some())
+            .field("ttl_ms", &self.ttl_ms)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Secrets {
@@ -35,42 +172,48 @@ impl Secrets {
     pub fn new(client: Option<aws_sdk_secretsmanager::Client>) -> Secrets {
         Secrets {
             client,
-            openai_key: Mutex::new(None),
-            proxy_tokens: Mutex::new(None),
+            clock: Arc::new(SystemClock),
+            ttl_ms: u64::MAX,
+            openai_key: Mutex::default(),
+            proxy_tokens: Mutex::default(),
         }
     }
 
-    /// The OpenAI key; with `refresh`, the cached one is dropped first (after an upstream 401).
+    /// The same, with another clock for the cache's decisions (tests use a virtual one).
+    pub fn with_clock(self, clock: Arc<dyn Clock + Send + Sync>) -> Secrets {
+        Secrets { clock, ..self }
+    }
+
+    /// The OpenAI key; with `rejected` (after an upstream 401), the cached one is read again.
     pub async fn openai_key(
         &self,
         source: &KeySource,
-        refresh: bool,
+        rejected: bool,
         within: Duration,
     ) -> Result<Arc<str>, SecretError> {
         let arn = match source {
             KeySource::Env(key) => return Ok(Arc::from(key.as_str())),
             KeySource::SecretArn(arn) => arn,
         };
-        let mut cached = self.openai_key.lock().await;
-        if let (Some(key), false) = (cached.as_ref(), refresh) {
-            return Ok(key.clone());
-        }
         const SETTING: &str = "OPENAI_API_KEY_SECRET_ARN";
-        let raw = self.fetch(SETTING, arn, within).await?;
-        let key = parse_openai_key(&raw).ok_or_else(|| SecretError {
-            setting: SETTING,
-            problem: "the secret holds neither a key nor JSON with an OPENAI_API_KEY field".into(),
-        })?;
-        if !crate::config::is_header_token(&key) {
-            return Err(SecretError {
-                setting: SETTING,
-                problem: "the key in the secret holds spaces, control or non-ASCII characters"
-                    .into(),
-            });
-        }
-        let key: Arc<str> = Arc::from(key);
-        *cached = Some(key.clone());
-        Ok(key)
+        let read = |until| async move {
+            let raw = self.read(SETTING, arn, within, until).await?;
+            let key = parse_openai_key(&raw).ok_or_else(|| {
+                definite(
+                    SETTING,
+                    "holds neither a key nor JSON with an OPENAI_API_KEY field",
+                )
+            })?;
+            if !crate::config::is_header_token(&key) {
+                return Err(definite(
+                    SETTING,
+                    "holds a key with spaces, control or non-ASCII characters",
+                ));
+            }
+            Ok(Arc::from(key))
+        };
+        self.cached(&self.openai_key, SETTING, arn, rejected, within, read)
+            .await
     }
 
     /// The proxy tokens callers must present; `None` when auth is off.
@@ -84,63 +227,164 @@ impl Secrets {
             ClientAuth::Tokens(t) => return Ok(Some(Arc::from(t.as_slice()))),
             ClientAuth::SecretArn(arn) => arn,
         };
-        let mut cached = self.proxy_tokens.lock().await;
-        if let Some(tokens) = cached.as_ref() {
-            return Ok(Some(tokens.clone()));
-        }
         const SETTING: &str = "PROXY_API_KEYS_SECRET_ARN";
-        let raw = self.fetch(SETTING, arn, within).await?;
-        let tokens = parse_tokens(&raw);
-        if tokens.is_empty() {
-            return Err(SecretError {
-                setting: SETTING,
-                problem: "the secret holds no tokens".into(),
-            });
-        }
-        let tokens: Arc<[String]> = Arc::from(tokens);
-        *cached = Some(tokens.clone());
-        Ok(Some(tokens))
+        let read = |until| async move {
+            let tokens = parse_tokens(&self.read(SETTING, arn, within, until).await?);
+            if tokens.is_empty() {
+                return Err(definite(SETTING, "holds no tokens"));
+            }
+            Ok(Arc::from(tokens))
+        };
+        self.cached(&self.proxy_tokens, SETTING, arn, false, within, read)
+            .await
+            .map(Some)
     }
 
-    async fn fetch(
+    /// One cell's way through [`step`], the read if needed, and [`settle`]. Concurrent requests
+    /// wait for one read (each no longer than its own `within`) and share its result.
+    async fn cached<T, F, Fut>(
+        &self,
+        cell: &Mutex<Cell<T>>,
+        setting: &'static str,
+        arn: &str,
+        stale: bool,
+        within: Duration,
+        read: F,
+    ) -> Result<T, SecretError>
+    where
+        T: Clone,
+        F: FnOnce(tokio::time::Instant) -> Fut,
+        Fut: Future<Output = Result<T, SecretError>>,
+    {
+        let until = tokio::time::Instant::now() + within;
+        let mut guard = tokio::time::timeout_at(until, cell.lock())
+            .await
+            .map_err(|_| timed_out(setting, within))?;
+        match step(&guard, self.clock.now_ms(), self.ttl_ms, stale) {
+            Step::Use(v) => return Ok(v),
+            Step::Refuse(e) => return Err(e),
+            Step::Read => {}
+        }
+        let result = read(until).await;
+        let failed = result.is_err();
+        let (next, answer) = settle(std::mem::take(&mut *guard), result, self.clock.now_ms());
+        if let (true, Some(f)) = (failed, &next.failure) {
+            log_failure(arn, f, next.value.is_some());
+        }
+        *guard = next;
+        answer
+    }
+
+    /// One `GetSecretValue`, bounded by `until`.
+    async fn read(
         &self,
         setting: &'static str,
         arn: &str,
         within: Duration,
+        until: tokio::time::Instant,
     ) -> Result<String, SecretError> {
-        let err = |problem: String| SecretError { setting, problem };
         let client = self
             .client
             .as_ref()
-            .ok_or_else(|| err("no Secrets Manager client is configured".into()))?;
+            .ok_or_else(|| definite(setting, "cannot be read: no Secrets Manager client"))?;
         let call = client.get_secret_value().secret_id(arn).send();
-        let out = tokio::time::timeout(within, call)
-            .await
-            .map_err(|_| {
-                err(format!(
-                    "Secrets Manager did not answer within {} ms",
-                    within.as_millis()
-                ))
-            })?
-            .map_err(|e| {
-                let detail = aws_sdk_secretsmanager::error::DisplayErrorContext(&e).to_string();
-                err(format!(
-                    "could not read the secret from Secrets Manager ({})",
-                    first_line(&detail)
-                ))
-            })?;
+        let out = match tokio::time::timeout_at(until, call).await {
+            Err(_) => return Err(timed_out(setting, within)),
+            Ok(Err(e)) => {
+                return Err(SecretError {
+                    setting,
+                    problem: UNREADABLE.into(),
+                    detail: describe(&e),
+                    transient: is_transient(&e),
+                });
+            }
+            Ok(Ok(out)) => out,
+        };
         out.secret_string()
             .map(str::to_owned)
-            .ok_or_else(|| err("the secret has no string value".into()))
+            .ok_or_else(|| definite(setting, "holds no string value (SecretString)"))
     }
 }
 
-/// The first line, at most 300 characters (cut on a character boundary).
-fn first_line(s: &str) -> &str {
-    let s = s.lines().next().unwrap_or("");
-    match s.char_indices().nth(300) {
-        Some((end, _)) => &s[..end],
-        None => s,
+fn log_failure(arn: &str, f: &Failure, keeps_value: bool) {
+    let e = &f.error;
+    let retry_in_ms = backoff_ms(f.consecutive);
+    if keeps_value {
+        tracing::error!(setting = e.setting, secret_arn = arn, error = %e.detail, transient = e.transient,
+            failures = f.consecutive, retry_in_ms,
+            "could not read a secret again; keeping the value read before");
+    } else {
+        tracing::error!(setting = e.setting, secret_arn = arn, error = %e.detail, transient = e.transient,
+            failures = f.consecutive, retry_in_ms,
+            "could not read a secret; requests answer 500 config_error until it can be read");
+    }
+}
+
+/// A problem with the secret itself: the caller may see it (it holds no value).
+fn definite(setting: &'static str, problem: &str) -> SecretError {
+    SecretError {
+        setting,
+        problem: problem.to_owned(),
+        detail: problem.to_owned(),
+        transient: false,
+    }
+}
+
+fn timed_out(setting: &'static str, within: Duration) -> SecretError {
+    let problem = format!(
+        "could not be read from Secrets Manager within {} ms",
+        within.as_millis()
+    );
+    SecretError {
+        setting,
+        detail: problem.clone(),
+        problem,
+        transient: true,
+    }
+}
+
+/// The whole error for the operator: status, AWS code and message, or the error chain. Never
+/// the raw response of a call that succeeded (it would hold the secret value); an error
+/// response's body, cut short, only when AWS's code and message could not be parsed from it.
+fn describe(e: &SdkError<GetSecretValueError, HttpResponse>) -> String {
+    if let SdkError::ServiceError(s) = e {
+        let status = s.raw().status().as_u16();
+        let (code, message) = (s.err().code(), s.err().message());
+        if code.is_some() || message.is_some() {
+            return format!(
+                "HTTP {status} {}: {}",
+                code.unwrap_or("(no code)"),
+                message.unwrap_or("(no message)")
+            );
+        }
+        if !s.raw().status().is_success() {
+            let body = s.raw().body().bytes().unwrap_or_default();
+            let body: String = String::from_utf8_lossy(body).chars().take(1_000).collect();
+            return format!("HTTP {status}: {body}");
+        }
+    }
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text = format!("{text}: {s}");
+        source = s.source();
+    }
+    text
+}
+
+/// Whether Secrets Manager failed (not reached, timed out, 5xx, throttled) rather than answered
+/// definitely (missing secret, access denied, bad request).
+fn is_transient<E: ProvideErrorMetadata>(e: &SdkError<E, HttpResponse>) -> bool {
+    match e {
+        SdkError::ServiceError(s) => {
+            s.raw().status().is_server_error()
+                || matches!(
+                    s.err().code(),
+                    Some("ThrottlingException" | "InternalServiceError" | "RequestLimitExceeded")
+                )
+        }
+        SdkError::ConstructionFailure(_) => false,
+        _ => true,
     }
 }
 
@@ -214,12 +458,110 @@ mod tests {
         assert!(parse_tokens("{broken").is_empty());
     }
 
+    fn failed(transient: bool) -> SecretError {
+        SecretError {
+            setting: "PROXY_API_KEYS_SECRET_ARN",
+            problem: UNREADABLE.into(),
+            detail: "AccessDeniedException: User: arn:aws:sts::123456789012:assumed-role/r".into(),
+            transient,
+        }
+    }
+
     #[test]
-    fn first_line_cuts_on_char_boundaries() {
-        assert_eq!(first_line("a\nb"), "a");
-        let long = "é".repeat(400);
-        assert_eq!(first_line(&long).chars().count(), 300);
-        assert_eq!(first_line(""), "");
+    fn backoff_doubles_from_one_second_up_to_thirty() {
+        let waits: Vec<u64> = (1..=7).map(backoff_ms).collect();
+        assert_eq!(waits, [1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000]);
+        assert_eq!(backoff_ms(u32::MAX), BACKOFF_MAX_MS);
+    }
+
+    #[test]
+    fn a_failed_read_is_refused_without_a_call_until_its_backoff_passed() {
+        let cell: Cell<u32> = Cell::default();
+        assert_eq!(step(&cell, 0, u64::MAX, false), Step::Read);
+        let (cell, answer) = settle(cell, Err(failed(false)), 0);
+        assert_eq!(answer, Err(failed(false)));
+        assert_eq!(
+            step(&cell, 999, u64::MAX, false),
+            Step::Refuse(failed(false))
+        );
+        assert_eq!(
+            step(&cell, 999, u64::MAX, true),
+            Step::Refuse(failed(false))
+        );
+        assert_eq!(step(&cell, 1_000, u64::MAX, false), Step::Read);
+        let (cell, _) = settle(cell, Err(failed(false)), 1_000);
+        assert_eq!(
+            step(&cell, 2_999, u64::MAX, false),
+            Step::Refuse(failed(false))
+        );
+        assert_eq!(step(&cell, 3_000, u64::MAX, false), Step::Read);
+        // A good read clears the failures: the next one waits 1 s again.
+        let (cell, answer) = settle(cell, Ok(7), 3_000);
+        assert_eq!(answer, Ok(7));
+        assert_eq!(step(&cell, 3_001, u64::MAX, false), Step::Use(7));
+        let (cell, _) = settle(cell, Err(failed(false)), 4_000);
+        assert_eq!(
+            step(&cell, 4_999, u64::MAX, false),
+            Step::Refuse(failed(false))
+        );
+        assert_eq!(step(&cell, 5_000, u64::MAX, false), Step::Read);
+    }
+
+    #[test]
+    fn a_flood_against_a_failing_secret_reads_it_a_few_times_a_minute() {
+        // One request every 10 ms for ten minutes of virtual time; every read fails.
+        let mut cell: Cell<u32> = Cell::default();
+        let mut reads = Vec::new();
+        for now in (0..600_000).step_by(10) {
+            if step(&cell, now, u64::MAX, false) == Step::Read {
+                reads.push(now);
+                cell = settle(cell, Err(failed(false)), now).0;
+            }
+        }
+        assert_eq!(reads[..6], [0, 1_000, 3_000, 7_000, 15_000, 31_000]);
+        for minute in 0..10 {
+            let range = minute * 60_000u64..(minute + 1) * 60_000;
+            let n = reads.iter().filter(|t| range.contains(*t)).count();
+            assert!(n <= 6, "{n} reads in minute {minute}");
+        }
+        assert!(
+            reads.len() <= 6 + 2 * 9,
+            "{} reads in ten minutes",
+            reads.len()
+        );
+    }
+
+    #[test]
+    fn outages_keep_the_value_read_before_definite_answers_drop_it() {
+        let (cell, _) = settle(Cell::default(), Ok(1), 0);
+        let (kept, answer) = settle(cell.clone(), Err(failed(true)), 10);
+        assert_eq!(answer, Ok(1));
+        assert_eq!(step(&kept, 11, 5, false), Step::Use(1));
+        assert_eq!(step(&kept, 1_010, 5, false), Step::Read);
+        let (dropped, answer) = settle(cell, Err(failed(false)), 10);
+        assert_eq!(answer, Err(failed(false)));
+        assert_eq!(
+            step(&dropped, 11, u64::MAX, false),
+            Step::Refuse(failed(false))
+        );
+    }
+
+    #[test]
+    fn values_are_used_while_younger_than_the_ttl_or_until_rejected() {
+        let (cell, _) = settle(Cell::default(), Ok(1), 1_000);
+        assert_eq!(step(&cell, 1_000 + 299_999, 300_000, false), Step::Use(1));
+        assert_eq!(step(&cell, 1_000 + 300_000, 300_000, false), Step::Read);
+        assert_eq!(step(&cell, 1_001, 300_000, true), Step::Read);
+        assert_eq!(step(&cell, u64::MAX, u64::MAX, false), Step::Use(1));
+        // A clock that stepped back never makes a value look older.
+        assert_eq!(step(&cell, 0, 300_000, false), Step::Use(1));
+    }
+
+    #[test]
+    fn callers_never_see_the_detail() {
+        let e = failed(false);
+        assert!(!e.to_string().contains("arn:"), "{e}");
+        assert!(e.to_string().starts_with("PROXY_API_KEYS_SECRET_ARN "));
     }
 
     #[tokio::test]

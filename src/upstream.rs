@@ -124,12 +124,14 @@ async fn exchange(builder: reqwest::RequestBuilder) -> AttemptOutcome {
 }
 
 fn failed(e: reqwest::Error, reading_body: bool) -> AttemptOutcome {
-    let kind = if e.is_timeout() {
+    // A connect timeout (CONNECT_TIMEOUT_MS) is a connect error, not the attempt's timeout:
+    // reqwest flags it as both, and it leaves the rest of the budget for further attempts.
+    let kind = if e.is_connect() {
+        FailureKind::Connect
+    } else if e.is_timeout() {
         FailureKind::Timeout
     } else if reading_body || e.is_body() || e.is_decode() {
         FailureKind::IncompleteBody
-    } else if e.is_connect() {
-        FailureKind::Connect
     } else {
         FailureKind::Connection
     };

@@ -506,3 +506,51 @@ async fn bodies_over_max_body_bytes_are_refused_plain_or_base64() {
     .await;
     assert_eq!(status(&resp), 200);
 }
+
+/// `OPENAI_BASE_URL` set to the proxy's own URL (e.g. its `ProxyBaseUrl` output pasted as the
+/// upstream): a request arriving on that very host is refused as a configuration error naming
+/// the setting, and nothing is sent (no request loop until the deadline).
+#[tokio::test]
+async fn an_upstream_that_is_the_proxy_itself_is_a_config_error_not_a_loop() {
+    let _logs = logs::check(&[SERVER_KEY, TOKEN_A]);
+    let (sim, p) = upstream_and_proxy(&[("PROXY_API_KEYS", TOKEN_A)]).await;
+    let own_host = sim.addr().to_string();
+    let auth = bearer(TOKEN_A);
+    for event in [
+        v2(
+            "POST",
+            "/v1/chat/completions",
+            &[
+                ("host", own_host.as_str()),
+                ("authorization", auth.as_str()),
+            ],
+            Some(&chat_body("gpt-4o-mini")),
+        ),
+        function_url(
+            "GET",
+            "/v1/models",
+            &[
+                ("Host", own_host.as_str()),
+                ("authorization", auth.as_str()),
+            ],
+            None,
+        ),
+    ] {
+        let (resp, _) = invoke(&p, event).await;
+        let msg = assert_error_naming(&resp, 500, "config_error", "OPENAI_BASE_URL");
+        assert!(msg.contains("this proxy itself"), "{msg}");
+    }
+    assert!(sim.requests().is_empty(), "the proxy called itself");
+
+    // The same machine on another port (the simulator next to `cargo lambda watch`) is fine.
+    let other = format!("127.0.0.1:{}", sim.addr().port().wrapping_add(1).max(1));
+    let event = v2(
+        "POST",
+        "/v1/chat/completions",
+        &[("host", other.as_str()), ("authorization", auth.as_str())],
+        Some(&chat_body("gpt-4o-mini")),
+    );
+    let (resp, _) = invoke(&p, event).await;
+    assert_eq!(status(&resp), 200, "{resp}");
+    assert_eq!(sim.requests().len(), 1);
+}

@@ -346,6 +346,87 @@ async fn an_unreachable_upstream_is_a_502_naming_connect_errors() {
     assert_eq!(e["upstream"]["attempts"], 5);
 }
 
+/// A 127.0.0.1 address that completes no TCP handshake: a listener with a backlog of 0 that
+/// never accepts, its queue filled by connections opened here (Linux then drops further SYNs).
+/// Keep the returned listener and connections alive for as long as the address is used.
+async fn silent_upstream() -> (String, tokio::net::TcpListener, Vec<tokio::net::TcpStream>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    loop {
+        let connect = tokio::net::TcpStream::connect(addr);
+        match tokio::time::timeout(std::time::Duration::from_millis(300), connect).await {
+            Ok(stream) => fillers.push(stream.unwrap()),
+            Err(_) => break,
+        }
+        assert!(fillers.len() < 64, "the accept queue never filled");
+    }
+    (format!("http://{addr}/v1"), listener, fillers)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_handshake_that_never_completes_is_a_retried_connect_error() {
+    let (url, _listener, _fillers) = silent_upstream().await;
+    let settings = [
+        ("OPENAI_BASE_URL", url.as_str()),
+        ("CONNECT_TIMEOUT_MS", "300"),
+        ("RETRY_MAX_ATTEMPTS", "3"),
+    ];
+    let h = harness("ok", &settings).await;
+    let a = chat(&h, json!({})).await;
+    // Not a 504 after one connect timeout: three connect errors, well within the 2.8 s budget.
+    assert_eq!(a.status, 502, "{}", a.body);
+    assert!(a.elapsed_ms < 2_000, "answered after {} ms", a.elapsed_ms);
+    let e = &a.json()["error"];
+    assert_eq!(e["code"], "upstream_unavailable");
+    assert_eq!(e["upstream"]["attempts"], 3);
+    assert_eq!(a.header("x-upstream-attempts"), Some("3"));
+    let last = e["upstream"]["last_error"].as_str().unwrap();
+    assert!(last.starts_with("connect_error"), "{last}");
+    let msg = e["message"].as_str().unwrap();
+    assert!(
+        msg.contains("3 attempts") && msg.contains("RETRY_MAX_ATTEMPTS"),
+        "{msg}"
+    );
+    assert_eq!(a.header("x-should-retry"), Some("false"));
+    let lines = h.logs.capture().lines_for(&a.request_id);
+    let kinds: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["message"] == "upstream attempt")
+        .map(|l| &l["error_kind"])
+        .collect();
+    assert_eq!(kinds, [&json!("connect_error"); 3]);
+
+    // With attempts to spare, it keeps trying until too little budget is left for another one.
+    // MIN_ATTEMPT_MS above CONNECT_TIMEOUT_MS: every attempt ends in its connect timeout.
+    let settings = [
+        ("OPENAI_BASE_URL", url.as_str()),
+        ("CONNECT_TIMEOUT_MS", "300"),
+        ("MIN_ATTEMPT_MS", "400"),
+        ("RETRY_MAX_ATTEMPTS", "20"),
+    ];
+    let h = harness("ok", &settings).await;
+    let a = chat(&h, json!({})).await;
+    assert_eq!(a.status, 502, "{}", a.body);
+    assert!(
+        a.elapsed_ms < 2_800 + 150,
+        "answered after {} ms",
+        a.elapsed_ms
+    );
+    let e = &a.json()["error"];
+    assert_eq!(e["code"], "upstream_unavailable");
+    let attempts = e["upstream"]["attempts"].as_u64().unwrap();
+    assert!((4..20).contains(&attempts), "{attempts} attempts");
+    assert_eq!(
+        a.header("x-upstream-attempts"),
+        Some(attempts.to_string().as_str())
+    );
+    let msg = e["message"].as_str().unwrap();
+    assert!(msg.contains("too little of the proxy's"), "{msg}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn upstream_auth_failures_are_the_servers_fault() {
     let h = harness("401", &[]).await;
@@ -420,7 +501,7 @@ async fn a_rest_event_27_seconds_old_answers_at_once() {
         a.json()["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("budget exhausted")
+            .contains("time budget was left for another attempt")
     );
     let finished = h
         .logs
@@ -440,6 +521,14 @@ async fn a_rest_event_27_seconds_old_answers_at_once() {
     assert_eq!(a.status, 504);
     assert_eq!(a.json()["error"]["upstream"]["attempts"], 0);
     assert!(h2.sim.requests().is_empty());
+    // The message agrees with `x-should-retry: false`: it does not invite a retry.
+    assert_eq!(a.header("x-should-retry"), Some("false"));
+    let msg = a.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_lowercase();
+    assert!(msg.contains("openai was not called"), "{msg}");
+    assert!(!msg.contains("retry the request"), "{msg}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -6,11 +6,12 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use openai_lambda_proxy::secrets::Secrets;
 use openai_simulator::{Simulator, parse_script};
 use serde_json::Value;
 use support::events::{
-    assert_error, assert_error_naming, bearer, chat_event, header, invoke, invoke_within,
-    proxy_for, request_id, simulator, status, v2,
+    VirtualClock, assert_error, assert_error_naming, bearer, chat_event, header, invoke,
+    invoke_within, proxy_for, proxy_for_with, request_id, simulator, status, v2,
 };
 use support::logs;
 use support::moto::{
@@ -253,6 +254,7 @@ async fn missing_or_unusable_secrets_are_config_errors_naming_the_setting() {
                 "{setting}: message leaks a secret value: {msg}"
             );
         }
+        assert_no_aws_text(&resp);
         assert_eq!(
             status(&invoke(&p, v2("GET", "/health", &[], None)).await.0),
             200
@@ -260,18 +262,170 @@ async fn missing_or_unusable_secrets_are_config_errors_naming_the_setting() {
     }
     assert!(sim.requests().is_empty());
 
-    // A failure is not cached: once the secret exists, the same warm function works.
-    let p = proxy_for(
+    // A failure is remembered for its backoff (no call meanwhile), not for good: once the
+    // secret exists and the backoff passed, the same warm function works.
+    let counting = CountingPassThrough::start(moto.addr()).await;
+    let clock = VirtualClock::new();
+    let secrets =
+        Secrets::new(Some(secrets_client(&counting.endpoint()).await)).with_clock(clock.clone());
+    let p = proxy_for_with(
         &sim,
         &[
             ("OPENAI_API_KEY_SECRET_ARN", "created-later"),
             ("PROXY_API_KEYS_SECRET_ARN", &good_tokens),
         ],
-        Some(sm.clone()),
+        secrets,
     );
     assert_error(&invoke(&p, chat(values[1])).await.0, 500, "config_error");
+    assert_eq!(
+        counting.get_secret_value_calls(),
+        2,
+        "the tokens, then the key"
+    );
     create_secret(&sm, "created-later", values[0]).await;
+    clock.advance(999);
+    assert_error(&invoke(&p, chat(values[1])).await.0, 500, "config_error");
+    assert_eq!(
+        counting.get_secret_value_calls(),
+        2,
+        "no call within the backoff"
+    );
+    clock.advance(1);
     assert_eq!(status(&invoke(&p, chat(values[1])).await.0), 200);
+    assert_eq!(counting.get_secret_value_calls(), 3);
+}
+
+/// AWS error text names accounts, roles, users and ARNs: none of it may reach a caller.
+fn assert_no_aws_text(resp: &Value) {
+    let text = String::from_utf8_lossy(&support::events::body(resp)).into_owned();
+    for aws in [
+        "arn:",
+        "123456789012",
+        "Exception",
+        "AccessDenied",
+        "not authorized",
+        "can't find",
+        "secretsmanager:",
+        "does-not-exist",
+        "proxy-fn",
+        "service error",
+        "unhandled",
+        "StatusCode",
+    ] {
+        assert!(
+            !text.contains(aws),
+            "the caller sees AWS text ({aws}): {text}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_denied_reaches_the_log_but_never_the_caller() {
+    let token = "tok-moto-denied-00000000001";
+    let logs = logs::check(&[token]);
+    let moto = moto().await;
+    let sm = secrets_client(&moto.endpoint()).await;
+    let sim = simulator().await;
+    let tokens_arn = create_secret(&sm, "denied-tokens", token).await;
+    let user = support::moto::iam_user_without_policies(&moto, "proxy-fn").await;
+    support::moto::enforce_iam(&moto).await;
+    let secrets = Secrets::new(Some(
+        support::moto::secrets_client_as(&moto.endpoint(), user).await,
+    ))
+    .with_clock(VirtualClock::new());
+    let p = proxy_for_with(
+        &sim,
+        &[
+            ("OPENAI_API_KEY", "sk-env-key-denied-00000001"),
+            ("PROXY_API_KEYS_SECRET_ARN", &tokens_arn),
+        ],
+        secrets,
+    );
+    // An unauthenticated caller (no token at all) and one with the right token alike.
+    for event in [chat_event(None), chat(token)] {
+        let (resp, _) = invoke(&p, event).await;
+        assert_error_naming(&resp, 500, "config_error", "PROXY_API_KEYS_SECRET_ARN");
+        assert_no_aws_text(&resp);
+    }
+    // The operator gets the whole error, once, at ERROR.
+    let text = logs.capture().text();
+    let denied: Vec<Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["level"] == "ERROR" && l["setting"] == "PROXY_API_KEYS_SECRET_ARN")
+        .filter(|l| l["secret_arn"] == tokens_arn.as_str())
+        .collect();
+    assert_eq!(
+        denied.len(),
+        1,
+        "one ERROR line per failed read: {denied:?}"
+    );
+    let error = denied[0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("proxy-fn") && error.contains("not authorized"),
+        "{error}"
+    );
+    assert!(sim.requests().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_unauthenticated_requests_is_a_handful_of_secrets_manager_calls() {
+    let _logs = logs::check(&["tok-moto-flood-000000000001"]);
+    let moto = moto().await;
+    let counting = CountingPassThrough::start(moto.addr()).await;
+    let sim = simulator().await;
+    let absent = "arn:aws:secretsmanager:us-east-1:123456789012:secret:flood-tokens-AbCdEf";
+    let p = proxy_for(
+        &sim,
+        &[
+            ("OPENAI_API_KEY", "sk-env-key-flood-000000001"),
+            ("PROXY_API_KEYS_SECRET_ARN", absent),
+        ],
+        Some(secrets_client(&counting.endpoint()).await),
+    );
+    // 20 waves of 10 concurrent requests with made-up tokens, over about 3 s.
+    let started = Instant::now();
+    let mut answered = 0;
+    for wave in 0..20u32 {
+        let calls = (0..10).map(|i| {
+            let p = p.clone();
+            tokio::spawn(async move {
+                invoke(&p, chat(&format!("tok-guess-{wave}-{i}-0000000")))
+                    .await
+                    .0
+            })
+        });
+        for resp in futures_join(calls).await {
+            assert_error_naming(&resp, 500, "config_error", "PROXY_API_KEYS_SECRET_ARN");
+            assert_no_aws_text(&resp);
+            answered += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let elapsed = started.elapsed();
+    let calls = counting.get_secret_value_calls();
+    // Reads at 0 s, after 1 s, after 3 s, after 7 s …: how many fit in the time the flood took.
+    let allowed = match elapsed.as_millis() {
+        0..1_000 => 1,
+        1_000..3_000 => 2,
+        3_000..7_000 => 3,
+        7_000..15_000 => 4,
+        _ => 5,
+    };
+    assert_eq!(answered, 200);
+    assert!(
+        (1..=allowed).contains(&calls),
+        "{calls} GetSecretValue calls for 200 requests in {elapsed:?}"
+    );
+    assert!(sim.requests().is_empty());
+}
+
+async fn futures_join(handles: impl Iterator<Item = tokio::task::JoinHandle<Value>>) -> Vec<Value> {
+    let mut out = Vec::new();
+    for h in handles.collect::<Vec<_>>() {
+        out.push(h.await.expect("the handler task"));
+    }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

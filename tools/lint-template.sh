@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Lints template.yaml with cfn-lint and `sam validate --lint` (offline).
+# Lints template.yaml with cfn-lint and `sam validate --lint` (offline), then runs the template
+# tests (tests/template: what a real `sam build && sam deploy` of it would do).
 # Creates .venv-sam in the repo root on first use (tools/venv-sam.sh).
-# Quiet and idempotent: prints one line on success; any error or warning fails.
+# Quiet and idempotent: prints a few lines on success; any error or warning fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 source tools/venv-sam.sh
-ensure_venv_sam lint-template sam cfn-lint
+ensure_venv_sam lint-template sam cfn-lint pytest
 
 export SAM_CLI_TELEMETRY=0 AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-us-east-1}"
 # Offline: no credentials needed, and none from the environment are used.
@@ -27,3 +28,5 @@ if ! "$VENV/bin/sam" validate --lint --region "$AWS_DEFAULT_REGION" --template-f
 fi
 
 echo "template.yaml: cfn-lint and sam validate --lint passed (0 errors, 0 warnings)"
+
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/template

@@ -254,6 +254,27 @@ pub(crate) fn head(
     content_length: usize,
     close: bool,
 ) -> Vec<u8> {
+    head_with(status, headers, Some(content_length), close)
+}
+
+/// One chunk of a `transfer-encoding: chunked` body (an empty `data` is the last chunk).
+pub(crate) fn chunk(data: &[u8]) -> Vec<u8> {
+    let mut out = format!("{:x}\r\n", data.len()).into_bytes();
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+    if data.is_empty() {
+        return b"0\r\n\r\n".to_vec();
+    }
+    out
+}
+
+/// A response head; without a length the body is `transfer-encoding: chunked`.
+pub(crate) fn head_with(
+    status: u16,
+    headers: &[(String, String)],
+    content_length: Option<usize>,
+    close: bool,
+) -> Vec<u8> {
     let mut out = format!("HTTP/1.1 {} {}\r\n", status, reason(status));
     out.push_str(&format!(
         "date: {}\r\n",
@@ -265,7 +286,10 @@ pub(crate) fn head(
         out.push_str(v);
         out.push_str("\r\n");
     }
-    out.push_str(&format!("content-length: {content_length}\r\n"));
+    match content_length {
+        Some(n) => out.push_str(&format!("content-length: {n}\r\n")),
+        None => out.push_str("transfer-encoding: chunked\r\n"),
+    }
     out.push_str(if close {
         "connection: close\r\n"
     } else {

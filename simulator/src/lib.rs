@@ -37,6 +37,7 @@
 //!          / "reset"                  ; read the request, close with RST before any byte
 //!          / "cut"                    ; 200 head with the full Content-Length, half the body, FIN
 //!          / "stream-cut"             ; SSE head + the first events only, FIN (= cut if not streaming)
+//!          / "stream" *( ":" smod )   ; a live SSE stream (= ok if not streaming), see below
 //! modifier = "delay=" ms              ; ok/status: wait before answering
 //!          / "ra=" secs               ; status: retry-after: <secs>
 //!          / "ra-ms=" ms              ; status: retry-after-ms: <ms>
@@ -44,6 +45,15 @@
 //!          / "retry=" ("true"/"false"); status: x-should-retry header
 //!          / "quota"                  ; 429 only: insufficient_quota instead of rate_limit_exceeded
 //! ```
+//!
+//! A `stream` step answers a streaming request like OpenAI does: `transfer-encoding: chunked`,
+//! no content-length, each event sent as soon as it is "generated", split across two TCP writes.
+//! Its modifiers (`smod`): `delay=<ms>` before the head; `gap=<ms>` between events (half of it
+//! between the two writes of an event); `stall=<n>` sends n events, then nothing more while
+//! keeping the connection open; `cut=<n>` sends n events, then closes without the last chunk;
+//! `bytes=<n>` (`k`/`m` suffixes) makes the reply text at least that long, in ~1 KiB deltas (a
+//! long stream for benchmarks). E.g. `stream:gap=200`, `stream:gap=100:cut=3`, `stream:stall=2`,
+//! `stream:bytes=50m`.
 //!
 //! Aliases: `retry-after=`, `retry-after-ms=`, `retry-after-date=`, `should-retry=`,
 //! `stream_cut`. `ra` and `ra-date` together send two `retry-after` headers. Unknown heads or
@@ -61,9 +71,9 @@
 //! Every API answer carries `x-request-id: req_<32 hex>` (unique), `openai-processing-ms`,
 //! `openai-version: 2020-10-01`, `x-ratelimit-limit-requests: 10000`,
 //! `x-ratelimit-remaining-requests: 9999`, `content-type` (`application/json` or
-//! `text/event-stream`) and always a `content-length` (streams are generated in
-//! full, so even SSE answers are length-delimited). Keep-alive is supported; `Connection: close`
-//! is honoured.
+//! `text/event-stream`) and a `content-length` (streams are generated in full, so even SSE
+//! answers are length-delimited), except the chunked live streams of `stream` steps.
+//! Keep-alive is supported; `Connection: close` is honoured.
 //!
 //! ## JSON form of a step
 //!
@@ -75,6 +85,7 @@
 //! {"kind":"error","status":429,"retry_after_secs":2,"retry_after_ms":2000,
 //!  "retry_after_date_secs":2,"should_retry":true,"quota":false,"delay_ms":0}
 //! {"kind":"hang"}  {"kind":"reset"}  {"kind":"cut"}  {"kind":"stream_cut"}
+//! {"kind":"stream","delay_ms":0,"gap_ms":200,"stall_after":2,"cut_after":3,"bytes":52428800}
 //! ```
 //!
 //! The control routes accept compact text, a JSON string holding compact text, one step object,
@@ -99,7 +110,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-pub use step::{ErrorStep, Step, parse_script};
+pub use step::{ErrorStep, Step, StreamStep, parse_script};
 
 use http::{ReadError, Request};
 use routes::{Ctx, RouteAnswer};
@@ -481,6 +492,10 @@ async fn api(
     let ctx = Ctx {
         hex: &hex,
         now_secs: received_at_ms / 1000,
+        reply_bytes: match &step {
+            Step::Stream(st) => st.bytes,
+            _ => 0,
+        },
     };
     let log = |status: &str| {
         if shared.log.load(Ordering::Relaxed) {
@@ -494,6 +509,7 @@ async fn api(
     let delay_ms = match &step {
         Step::Delay { ms } => *ms,
         Step::Error(e) => e.delay_ms,
+        Step::Stream(st) => st.delay_ms,
         _ => 0,
     };
 
@@ -595,5 +611,70 @@ async fn api(
         return Ok(After::Close);
     }
 
+    if let Step::Stream(st) = &step
+        && answer.stream
+    {
+        return write_live_stream(sock, &answer, &headers, st, !keep_alive).await;
+    }
     write_response(sock, answer.status, &headers, &answer.body, !keep_alive).await
+}
+
+/// A live SSE answer: chunked, each event in two writes, gaps between them; optionally stalled
+/// or cut after some events.
+async fn write_live_stream(
+    sock: &mut TcpStream,
+    answer: &RouteAnswer,
+    headers: &[(String, String)],
+    st: &StreamStep,
+    close: bool,
+) -> std::io::Result<After> {
+    sock.write_all(&http::head_with(answer.status, headers, None, close))
+        .await?;
+    sock.flush().await?;
+    let half_gap = Duration::from_millis(st.gap_ms / 2);
+    let mut start = 0;
+    for (n, &end) in answer.event_ends.iter().enumerate() {
+        let n = n as u64;
+        if st.cut_after == Some(n) {
+            // No last chunk: the body is incomplete. Drain so the close is a FIN, not an RST.
+            sock.shutdown().await?;
+            drain(sock, Duration::from_secs(5)).await;
+            return Ok(After::Close);
+        }
+        if st.stall_after == Some(n) {
+            drain(sock, Duration::MAX).await;
+            return Ok(After::Close);
+        }
+        let event = &answer.body[start..end];
+        let (a, b) = event.split_at(event.len() / 2);
+        for (i, part) in [a, b].into_iter().enumerate() {
+            sock.write_all(&http::chunk(part)).await?;
+            sock.flush().await?;
+            let last_write = i == 1 && end == answer.body.len();
+            if !half_gap.is_zero() && !last_write {
+                tokio::time::sleep(half_gap).await;
+            }
+        }
+        start = end;
+    }
+    sock.write_all(&http::chunk(b"")).await?;
+    sock.flush().await?;
+    Ok(if close {
+        After::Close
+    } else {
+        After::KeepGoing
+    })
+}
+
+/// Reads and discards until the client closes (or `limit` passes).
+async fn drain(sock: &mut TcpStream, limit: Duration) {
+    let mut scratch = [0u8; 4096];
+    let _ = tokio::time::timeout(limit, async {
+        while let Ok(n) = sock.read(&mut scratch).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }

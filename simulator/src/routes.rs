@@ -52,6 +52,8 @@ pub(crate) struct Ctx<'a> {
     /// A fresh random-looking hex string for object ids.
     pub hex: &'a str,
     pub now_secs: u64,
+    /// Minimum length of the generated reply text (0: the short default reply).
+    pub reply_bytes: u64,
 }
 
 /// OpenAI's error envelope; a struct (not a `Value`) so the fields keep OpenAI's order.
@@ -180,7 +182,12 @@ fn prompt_tokens(req: &Value, keys: &[&str]) -> u64 {
     (chars as u64 / 4).max(1)
 }
 
-fn reply_pieces() -> Vec<String> {
+/// Filler for long streams: one ~1 KiB piece per event.
+const FILLER: &str = "The quick brown fox jumps over the lazy dog. ";
+
+/// The reply, word by word; with `ctx.reply_bytes` set, followed by ~1 KiB pieces until the text
+/// is at least that long.
+fn reply_pieces(ctx: &Ctx<'_>) -> Vec<String> {
     let mut out = Vec::new();
     for (i, w) in REPLY.split(' ').enumerate() {
         out.push(if i == 0 {
@@ -189,7 +196,22 @@ fn reply_pieces() -> Vec<String> {
             format!(" {w}")
         });
     }
+    let piece = format!(" {}", FILLER.repeat(23).trim_end());
+    let mut len = REPLY.len() as u64;
+    while len < ctx.reply_bytes {
+        out.push(piece.clone());
+        len += piece.len() as u64;
+    }
     out
+}
+
+/// The whole reply text (what the pieces add up to).
+fn reply_text(ctx: &Ctx<'_>) -> String {
+    if ctx.reply_bytes == 0 {
+        REPLY.to_owned()
+    } else {
+        reply_pieces(ctx).concat()
+    }
 }
 
 fn data_event(v: &Value) -> String {
@@ -395,7 +417,7 @@ fn chat(req: &Value, model: &str, stream: bool, ctx: &Ctx<'_>) -> RouteAnswer {
         json!({"role": "assistant", "content": "", "refusal": null}),
         Value::Null,
     ))];
-    for piece in reply_pieces() {
+    for piece in reply_pieces(ctx) {
         events.push(data_event(&chunk(json!({"content": piece}), Value::Null)));
     }
     events.push(data_event(&chunk(json!({}), json!("stop"))));
@@ -442,7 +464,7 @@ fn completion(req: &Value, model: &str, stream: bool, ctx: &Ctx<'_>) -> RouteAns
             "choices": [{"text": text, "index": 0, "logprobs": null, "finish_reason": finish}]
         })
     };
-    let mut events: Vec<String> = reply_pieces()
+    let mut events: Vec<String> = reply_pieces(ctx)
         .iter()
         .map(|p| data_event(&chunk(p, Value::Null)))
         .collect();
@@ -494,7 +516,7 @@ fn response_obj(req: &Value, model: &str, ctx: &Ctx<'_>, completed: bool) -> Val
             "id": format!("msg_{}", ctx.hex),
             "status": "completed",
             "role": "assistant",
-            "content": [{"type": "output_text", "text": REPLY, "annotations": [], "logprobs": []}]
+            "content": [{"type": "output_text", "text": reply_text(ctx), "annotations": [], "logprobs": []}]
         }])
     } else {
         json!([])
@@ -559,7 +581,7 @@ fn responses(req: &Value, model: &str, stream: bool, ctx: &Ctx<'_>) -> RouteAnsw
         "response.created",
         json!({"response": response_obj(req, model, ctx, false)}),
     );
-    for piece in reply_pieces() {
+    for piece in reply_pieces(ctx) {
         ev(
             "response.output_text.delta",
             json!({"item_id": item_id, "output_index": 0, "content_index": 0, "delta": piece, "logprobs": []}),
@@ -567,7 +589,7 @@ fn responses(req: &Value, model: &str, stream: bool, ctx: &Ctx<'_>) -> RouteAnsw
     }
     ev(
         "response.output_text.done",
-        json!({"item_id": item_id, "output_index": 0, "content_index": 0, "text": REPLY, "logprobs": []}),
+        json!({"item_id": item_id, "output_index": 0, "content_index": 0, "text": reply_text(ctx), "logprobs": []}),
     );
     ev(
         "response.completed",

@@ -25,6 +25,31 @@ pub enum Step {
     /// Streaming request: send the SSE headers and some events, then close (`stream-cut`).
     /// On a non-streaming request it behaves like [`Step::Cut`].
     StreamCut,
+    /// Streaming request: a live SSE stream, sent event by event with chunked transfer encoding,
+    /// each event split across two TCP writes (`stream:gap=200:cut=3`). On a non-streaming
+    /// request it behaves like [`Step::Ok`] (after `delay_ms`).
+    Stream(StreamStep),
+}
+
+/// Parameters of a live stream ([`Step::Stream`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct StreamStep {
+    /// Wait this long before the response head (`delay=<ms>`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub delay_ms: u64,
+    /// Pause between events; half of it falls between the two writes of each event (`gap=<ms>`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub gap_ms: u64,
+    /// After this many events, send nothing more but keep the connection open (`stall=<n>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stall_after: Option<u64>,
+    /// After this many events, close the connection without ending the body (`cut=<n>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut_after: Option<u64>,
+    /// Make the generated text at least this long, in bytes (`bytes=<n>`, `k`/`m` suffixes):
+    /// a long stream for benchmarks.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bytes: u64,
 }
 
 /// Parameters of an error step ([`Step::Error`]).
@@ -86,6 +111,35 @@ impl Step {
     }
 }
 
+/// `50m`, `64k` or a plain number of bytes.
+fn parse_size(key: &str, v: &str) -> Result<u64, String> {
+    let (num, unit) = match v.strip_suffix(['k', 'm']) {
+        Some(n) if v.ends_with('k') => (n, 1024),
+        Some(n) => (n, 1024 * 1024),
+        None => (v, 1),
+    };
+    parse_num(key, num)?
+        .checked_mul(unit)
+        .ok_or_else(|| format!("`{key}` is too large"))
+}
+
+fn parse_stream(parts: impl Iterator<Item = String>) -> Result<Step, String> {
+    let mut st = StreamStep::default();
+    for m in parts.filter(|m| !m.is_empty()) {
+        let (k, v) = m.split_once('=').unwrap_or((&m, ""));
+        let (k, v) = (k.trim(), v.trim());
+        match k {
+            "delay" => st.delay_ms = parse_num(k, v)?,
+            "gap" => st.gap_ms = parse_num(k, v)?,
+            "stall" => st.stall_after = Some(parse_num(k, v)?),
+            "cut" => st.cut_after = Some(parse_num(k, v)?),
+            "bytes" => st.bytes = parse_size(k, v)?,
+            _ => return Err(format!("unknown stream modifier `{k}`")),
+        }
+    }
+    Ok(Step::Stream(st))
+}
+
 fn parse_num(key: &str, v: &str) -> Result<u64, String> {
     v.parse::<u64>()
         .map_err(|_| format!("`{key}` needs a non-negative integer, got `{v}`"))
@@ -101,6 +155,9 @@ impl FromStr for Step {
         }
         let mut parts = lower.split([':', '+']).map(str::trim);
         let head = parts.next().unwrap_or_default();
+        if head == "stream" {
+            return parse_stream(parts.map(str::to_owned));
+        }
         let mut delay: Option<u64> = None;
         let mut err: Option<ErrorStep> = None;
         let base = match head {
@@ -186,6 +243,21 @@ impl fmt::Display for Step {
             Step::Reset => f.write_str("reset"),
             Step::Cut => f.write_str("cut"),
             Step::StreamCut => f.write_str("stream-cut"),
+            Step::Stream(st) => {
+                f.write_str("stream")?;
+                for (k, v) in [
+                    ("delay", Some(st.delay_ms).filter(|v| *v > 0)),
+                    ("gap", Some(st.gap_ms).filter(|v| *v > 0)),
+                    ("stall", st.stall_after),
+                    ("cut", st.cut_after),
+                    ("bytes", Some(st.bytes).filter(|v| *v > 0)),
+                ] {
+                    if let Some(v) = v {
+                        write!(f, ":{k}={v}")?;
+                    }
+                }
+                Ok(())
+            }
             Step::Error(e) => {
                 write!(f, "{}", e.status)?;
                 if e.quota {
@@ -330,10 +402,57 @@ mod tests {
             "reset",
             "cut",
             "stream-cut",
+            "stream",
+            "stream:delay=5:gap=200:stall=2",
+            "stream:gap=10:cut=3:bytes=1024",
         ] {
             let step: Step = s.parse().unwrap();
             assert_eq!(step.to_string(), s);
         }
+    }
+
+    #[test]
+    fn stream_steps() {
+        assert_eq!(
+            "stream:gap=250+cut=3".parse::<Step>().unwrap(),
+            Step::Stream(StreamStep {
+                gap_ms: 250,
+                cut_after: Some(3),
+                ..Default::default()
+            })
+        );
+        assert_eq!(
+            "STREAM:bytes=50m".parse::<Step>().unwrap(),
+            Step::Stream(StreamStep {
+                bytes: 50 * 1024 * 1024,
+                ..Default::default()
+            })
+        );
+        let Step::Stream(st) = "stream:bytes=64k".parse::<Step>().unwrap() else {
+            panic!("not a stream step");
+        };
+        assert_eq!(st.bytes, 65_536);
+        for bad in [
+            "stream:gap=x",
+            "stream:quota",
+            "stream:bytes=99999999999999999m",
+        ] {
+            assert!(bad.parse::<Step>().is_err(), "{bad} should fail");
+        }
+        let json = r#"[{"kind":"stream","gap_ms":100,"stall_after":2},"stream:cut=1"]"#;
+        let steps = parse_steps_body(json).unwrap();
+        assert_eq!(
+            steps[0],
+            Step::Stream(StreamStep {
+                gap_ms: 100,
+                stall_after: Some(2),
+                ..Default::default()
+            })
+        );
+        assert_eq!(
+            serde_json::to_string(&steps[1]).unwrap(),
+            r#"{"kind":"stream","cut_after":1}"#
+        );
     }
 
     #[test]

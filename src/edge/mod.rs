@@ -16,10 +16,10 @@ use tracing::Instrument;
 
 use crate::auth;
 use crate::budget::{Budget, DeadlineSettings, GatewayKind};
-use crate::config::{ConfigError, KeySource, Settings};
+use crate::config::{self, ConfigError, KeySource, Settings};
 use crate::retry::{
-    AttemptOutcome, AttemptRecord, Decision, Engine, FailureKind, FastRandJitter, RetryPolicy,
-    RetryRun, RunOutcome, SystemClock, TokioSleeper, UpstreamReply, epoch_ms,
+    AttemptOutcome, AttemptRecord, Decision, Engine, FailureKind, FastRandJitter, GiveUpReason,
+    RetryPolicy, RetryRun, RunOutcome, SystemClock, TokioSleeper, UpstreamReply, epoch_ms,
 };
 use crate::secrets::Secrets;
 use crate::telemetry::metrics::{InvocationMetrics, MetricsSink};
@@ -266,6 +266,13 @@ impl Proxy {
             Err(e) => return config_error(summary, id, e.setting, &e.problem),
         };
         let settings = &ready.settings;
+        if ev
+            .header("host")
+            .is_some_and(|host| config::is_own_host(&settings.openai_base_url, host))
+        {
+            let problem = "points at this proxy itself (the host this request arrived on), so every request would call the function again; set it to the upstream's URL";
+            return config_error(summary, id, "OPENAI_BASE_URL", problem);
+        }
         let within = budget.time_left(epoch_ms());
 
         match self.secrets.proxy_tokens(&settings.auth, within).await {
@@ -550,49 +557,18 @@ fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> P
             retry_after_ms,
         } => {
             summary.outcome = Outcome::UpstreamFailure;
-            let last_error = last.describe();
             let upstream = UpstreamSummary {
-                last_error: Some(last_error.clone()),
+                last_error: Some(last.describe()),
                 ..upstream
             };
-            let attempts = format!(
-                "{} attempt{} over {}",
-                upstream.attempts,
-                if upstream.attempts == 1 { "" } else { "s" },
-                seconds(upstream.elapsed_ms)
+            let (code, message) = gave_up(
+                reason,
+                &last,
+                retry_after_ms,
+                &upstream,
+                &ids,
+                budget.budget_ms,
             );
-            let (code, message) = match &last {
-                AttemptOutcome::Reply(r) if r.status == 429 => (
-                    ErrorCode::UpstreamRateLimited,
-                    format!(
-                        "OpenAI kept rate-limiting this request: {attempts} ended with {last_error}{}. The proxy stopped ({}) so it could answer within its {} time budget. Upstream request ids: {ids}.",
-                        retry_after_ms
-                            .map(|ms| format!(" and asked to wait {}", seconds(ms)))
-                            .unwrap_or_default(),
-                        reason.as_str(),
-                        seconds(budget.budget_ms),
-                    ),
-                ),
-                AttemptOutcome::Failed {
-                    kind: FailureKind::Timeout,
-                    ..
-                } => (
-                    ErrorCode::UpstreamTimeout,
-                    format!(
-                        "OpenAI did not answer in time: {attempts}; the last attempt was still waiting when the proxy's {} time budget ran out ({}). Upstream request ids: {ids}. Check {STATUS_PAGE}.",
-                        seconds(budget.budget_ms),
-                        reason.as_str(),
-                    ),
-                ),
-                _ => (
-                    ErrorCode::UpstreamUnavailable,
-                    format!(
-                        "OpenAI is unavailable: {attempts} failed (last: {last_error}); the proxy stopped retrying ({}) to answer within its {} time budget. Upstream request ids: {ids}. Check {STATUS_PAGE}.",
-                        reason.as_str(),
-                        seconds(budget.budget_ms),
-                    ),
-                ),
-            };
             summary.code = Some(code);
             let mut resp = ProxyResponse::error(code, message, Some(&upstream), id);
             if let Some(ms) = retry_after_ms {
@@ -612,8 +588,10 @@ fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> P
                 last_error: Some("no time left to call the upstream".into()),
                 ..upstream
             };
+            // x-should-retry: false like every error: a deadline this close usually means the
+            // function's timeout leaves no room for MIN_ATTEMPT_MS, which a retry cannot fix.
             let message = format!(
-                "The proxy had only {remaining_ms} ms of its time budget left when the request arrived (the gateway's or Lambda's deadline is near), too little to call OpenAI. Retry the request."
+                "The proxy had only {remaining_ms} ms of its time budget left when the request arrived (the gateway's or Lambda's deadline is near), too little to call OpenAI, so OpenAI was not called. If this persists, the operator should check the function's timeout against MIN_ATTEMPT_MS and DEADLINE_MARGIN_MS."
             );
             (
                 ProxyResponse::error(code, message, Some(&upstream), id),
@@ -631,6 +609,59 @@ fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> P
         pass_through_headers(&reply, &mut resp);
     }
     resp
+}
+
+/// The §5 code and message after the engine gave up: 504 only when the deadline cut an attempt
+/// that was still waiting; otherwise 429 after a 429, else 502. The message says why it stopped.
+fn gave_up(
+    reason: GiveUpReason,
+    last: &AttemptOutcome,
+    retry_after_ms: Option<u64>,
+    upstream: &UpstreamSummary,
+    ids: &str,
+    budget_ms: u64,
+) -> (ErrorCode, String) {
+    let attempts = format!(
+        "{} attempt{} over {}",
+        upstream.attempts,
+        if upstream.attempts == 1 { "" } else { "s" },
+        seconds(upstream.elapsed_ms)
+    );
+    let budget = seconds(budget_ms);
+    let last_error = upstream.last_error.as_deref().unwrap_or_default();
+    let why = match reason {
+        GiveUpReason::AttemptsExhausted => {
+            "the proxy made every attempt it is allowed (RETRY_MAX_ATTEMPTS)".to_owned()
+        }
+        GiveUpReason::BudgetExhausted => {
+            format!("too little of the proxy's {budget} time budget was left for another attempt")
+        }
+        GiveUpReason::RetryAfterPastDeadline => format!(
+            "OpenAI asked to wait {}, past the end of the proxy's {budget} time budget",
+            seconds(retry_after_ms.unwrap_or_default())
+        ),
+        GiveUpReason::DeadlineReached => format!("the proxy's {budget} time budget ran out"),
+    };
+    match (reason, last) {
+        (GiveUpReason::DeadlineReached, _) => (
+            ErrorCode::UpstreamTimeout,
+            format!(
+                "OpenAI did not answer in time: {attempts}; the last attempt was still waiting when the proxy's {budget} time budget ran out. Upstream request ids: {ids}. Check {STATUS_PAGE}."
+            ),
+        ),
+        (_, AttemptOutcome::Reply(r)) if r.status == 429 => (
+            ErrorCode::UpstreamRateLimited,
+            format!(
+                "OpenAI kept rate-limiting this request: {attempts} ended with {last_error}; {why}. Upstream request ids: {ids}."
+            ),
+        ),
+        _ => (
+            ErrorCode::UpstreamUnavailable,
+            format!(
+                "OpenAI is unavailable: {attempts} failed (last: {last_error}); {why}. Upstream request ids: {ids}. Check {STATUS_PAGE}."
+            ),
+        ),
+    }
 }
 
 /// Upstream `x-ratelimit-*`, `openai-processing-ms` and `retry-after` go to the caller.

@@ -163,10 +163,9 @@ impl Engine {
             number += 1;
             let begin = clock.now_ms();
             let remaining = deadline_ms.saturating_sub(begin);
-            let (timeout_ms, cut_at_deadline) = match self.attempt_timeout_ms {
-                Some(t) if t < remaining => (t, false),
-                _ => (remaining, true),
-            };
+            let timeout_ms = self
+                .attempt_timeout_ms
+                .map_or(remaining, |t| t.min(remaining));
             let outcome = attempt(AttemptPlan { number, timeout_ms }).await;
             let end = clock.now_ms();
             let remaining = deadline_ms.saturating_sub(end);
@@ -196,13 +195,15 @@ impl Engine {
             let (reason, next) = match policy::verdict(&outcome) {
                 Verdict::Final(reason) => (reason.to_owned(), Next::Done),
                 Verdict::Retryable(reason) => {
-                    let cut_while_waiting =
-                        cut_at_deadline && error_kind == Some(FailureKind::Timeout);
+                    // Only a timeout that ran until the deadline was cut by it; a timeout that
+                    // ended earlier (ATTEMPT_TIMEOUT_MS, a connect timeout) is a failure like any.
+                    let cut_by_deadline =
+                        error_kind == Some(FailureKind::Timeout) && remaining == 0;
                     let next = self.after_retryable(
                         number,
                         remaining,
                         retry_after,
-                        cut_while_waiting,
+                        cut_by_deadline,
                         jitter,
                     );
                     let reason = match next {
@@ -257,18 +258,18 @@ impl Engine {
     }
 
     /// After a retryable failure: the wait before the next attempt, or why there is none.
-    /// `cut_while_waiting`: the attempt ran into the deadline itself.
+    /// `cut_by_deadline`: the attempt was still waiting on the upstream when the deadline came.
     fn after_retryable(
         &self,
         number: u32,
         remaining: u64,
         retry_after: Option<u64>,
-        cut_while_waiting: bool,
+        cut_by_deadline: bool,
         jitter: &mut impl Jitter,
     ) -> Next {
         let min_attempt = self.min_attempt();
         let wait = retry_after.unwrap_or_else(|| self.policy.backoff_ms(number, jitter));
-        let why = if cut_while_waiting || remaining == 0 {
+        let why = if cut_by_deadline {
             GiveUpReason::DeadlineReached
         } else if number >= self.policy.max_attempts {
             GiveUpReason::AttemptsExhausted
@@ -317,11 +318,18 @@ mod tests {
         }
     }
 
-    /// Jitter that always picks the top of the range (deterministic, worst case for the budget).
-    struct Max;
-    impl Jitter for Max {
-        fn between(&mut self, _lo: u64, hi: u64) -> u64 {
-            hi
+    /// The fixture's jitter: the top of the range (deterministic, worst case for the budget), or
+    /// anywhere in it from a seed (what production does).
+    enum TestJitter {
+        Max,
+        Seeded(fastrand::Rng),
+    }
+    impl Jitter for TestJitter {
+        fn between(&mut self, lo: u64, hi: u64) -> u64 {
+            match self {
+                TestJitter::Max => hi,
+                TestJitter::Seeded(rng) => rng.u64(lo..=hi.max(lo)),
+            }
         }
     }
 
@@ -341,6 +349,7 @@ mod tests {
     struct Fixture {
         clock: VirtualClock,
         engine: Engine,
+        jitter: TestJitter,
         plans: Vec<AttemptPlan>,
         sleeps: Vec<u64>,
     }
@@ -362,6 +371,7 @@ mod tests {
             Fixture {
                 clock: VirtualClock::new(),
                 engine,
+                jitter: TestJitter::Max,
                 plans: vec![],
                 sleeps: vec![],
             }
@@ -382,7 +392,7 @@ mod tests {
                 T0 + budget_ms,
                 &clock,
                 &sleeps,
-                &mut Max,
+                &mut self.jitter,
                 |plan| {
                     plans.borrow_mut().push(plan);
                     let step = steps.pop_front().unwrap_or(Step::Status(200, 10, vec![]));
@@ -657,6 +667,54 @@ mod tests {
     }
 
     #[test]
+    fn a_timeout_that_ends_before_the_deadline_is_retried_like_any_failure() {
+        // E.g. a connect timeout: most of the budget is still there.
+        let timeout = || Step::Fail(FailureKind::Timeout, 2_000);
+        let mut f = Fixture::new(engine());
+        let run = f.run(30_000, vec![timeout(), status(200, 10)]);
+        assert_eq!(run.attempts.len(), 2);
+        assert!(matches!(run.outcome, RunOutcome::Answer(ref r) if r.status == 200));
+
+        // The loop stops because the attempts are used up, not because of the deadline.
+        let mut f = Fixture::new(engine());
+        let run = f.run(60_000, vec![timeout(); 5]);
+        assert_eq!(run.attempts.len(), 5);
+        assert!(matches!(
+            run.outcome,
+            RunOutcome::GaveUp {
+                reason: GiveUpReason::AttemptsExhausted,
+                ..
+            }
+        ));
+
+        // 2000 + 1000 + 2000 = 5000 of 5500: too little left for another wait and attempt.
+        let mut f = Fixture::new(engine());
+        let run = f.run(5_500, vec![timeout(); 5]);
+        assert_eq!(run.attempts.len(), 2);
+        assert!(matches!(
+            run.outcome,
+            RunOutcome::GaveUp {
+                reason: GiveUpReason::BudgetExhausted,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_failure_that_is_not_a_timeout_never_reads_as_cut_by_the_deadline() {
+        // A reset that happens to arrive exactly at the deadline: the budget is used up.
+        let mut f = Fixture::new(engine());
+        let run = f.run(3_000, vec![Step::Fail(FailureKind::Connection, 3_000)]);
+        assert!(matches!(
+            run.outcome,
+            RunOutcome::GaveUp {
+                reason: GiveUpReason::BudgetExhausted,
+                ..
+            }
+        ));
+    }
+
+    #[test]
     fn attempt_timeout_setting_makes_hangs_retryable_and_is_cut_at_the_deadline() {
         let mut f = Fixture::new(Engine {
             attempt_timeout_ms: Some(3_000),
@@ -708,10 +766,12 @@ mod tests {
                     l,
                     vec![("retry-after-ms", ra.to_string())]
                 )),
+            // Timeout included: a timeout of its own (e.g. connecting) that ends before the deadline.
             (
                 prop::sample::select(vec![
                     FailureKind::Connect,
                     FailureKind::Connection,
+                    FailureKind::Timeout,
                     FailureKind::IncompleteBody
                 ]),
                 latency
@@ -719,6 +779,40 @@ mod tests {
                 .prop_map(|(k, l)| Step::Fail(k, l)),
             Just(Step::Hang),
         ]
+    }
+
+    /// The reason a run gave up is true: 504's "cut at the deadline" only for a timeout that
+    /// really ran until the deadline, "attempts exhausted" only with every attempt used.
+    fn check_give_up_reason(
+        run: &RetryRun,
+        f: &Fixture,
+        budget: u64,
+        max_attempts: u32,
+    ) -> Result<(), TestCaseError> {
+        let RunOutcome::GaveUp { reason, last, .. } = &run.outcome else {
+            return Ok(());
+        };
+        let at_deadline = f.clock.now_ms() == T0 + budget;
+        let timed_out = matches!(
+            last,
+            AttemptOutcome::Failed {
+                kind: FailureKind::Timeout,
+                ..
+            }
+        );
+        let used = run.attempts.len() as u32;
+        match reason {
+            GiveUpReason::DeadlineReached => prop_assert!(at_deadline && timed_out),
+            GiveUpReason::AttemptsExhausted => prop_assert_eq!(used, max_attempts),
+            GiveUpReason::BudgetExhausted | GiveUpReason::RetryAfterPastDeadline => {
+                prop_assert!(used < max_attempts);
+                prop_assert!(
+                    !(at_deadline && timed_out),
+                    "a cut attempt reported as {reason:?}"
+                );
+            }
+        }
+        Ok(())
     }
 
     proptest! {
@@ -731,13 +825,21 @@ mod tests {
             base in 0u64..3_000,
             min_attempt in 0u64..3_000,
             attempt_timeout in prop::option::of(100u64..20_000),
+            seed in any::<u64>(),
         ) {
+            let policy = RetryPolicy { max_attempts, base_delay_ms: base, max_delay_ms: base * 8 };
             let mut f = Fixture::new(Engine {
-                policy: RetryPolicy { max_attempts, base_delay_ms: base, max_delay_ms: base * 8 },
+                policy,
                 min_attempt_ms: min_attempt,
                 attempt_timeout_ms: attempt_timeout,
             });
+            // Jitter anywhere in [d/2, d], as in production.
+            f.jitter = TestJitter::Seeded(fastrand::Rng::with_seed(seed));
             let run = f.run(budget, steps);
+            check_give_up_reason(&run, &f, budget, max_attempts)?;
+            // Each sleep is the record's next_delay_ms: a Retry-After or a backoff in [d/2, d].
+            let delays: Vec<u64> = run.attempts.iter().filter_map(|a| a.next_delay_ms).collect();
+            prop_assert_eq!(&delays, &f.sleeps);
             prop_assert!(f.clock.now_ms() <= T0 + budget, "finished {} ms late", f.clock.now_ms() - T0 - budget);
             prop_assert!(run.attempts.len() as u32 <= max_attempts);
             prop_assert_eq!(run.attempts.len(), f.plans.len());

@@ -8,6 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use openai_lambda_proxy::config::Settings;
+use openai_lambda_proxy::retry::Clock;
 use openai_lambda_proxy::secrets::Secrets;
 use openai_lambda_proxy::telemetry::metrics::NoMetrics;
 use openai_lambda_proxy::{Invocation, Proxy};
@@ -29,15 +30,41 @@ pub async fn simulator() -> Simulator {
 /// A proxy from `KEY=value` pairs (nothing from the process environment; when a key repeats, the
 /// later pair wins), with an optional Secrets Manager client.
 pub fn proxy(pairs: &[(&str, &str)], sm: Option<aws_sdk_secretsmanager::Client>) -> Arc<Proxy> {
+    proxy_with(pairs, Secrets::new(sm))
+}
+
+/// [`proxy`] with these secrets (e.g. ones on a [`VirtualClock`]).
+pub fn proxy_with(pairs: &[(&str, &str)], secrets: Secrets) -> Arc<Proxy> {
     let map: HashMap<String, String> = pairs
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     Arc::new(Proxy::new(
         Settings::from_lookup(|k| map.get(k).cloned()),
-        Secrets::new(sm),
+        secrets,
         Box::new(NoMetrics),
     ))
+}
+
+/// A clock the test moves by hand (epoch ms), for the decisions that take one.
+#[derive(Debug)]
+pub struct VirtualClock(AtomicU64);
+
+impl VirtualClock {
+    /// Starts at the real time, so epoch-based checks still see a plausible one.
+    pub fn new() -> Arc<VirtualClock> {
+        Arc::new(VirtualClock(AtomicU64::new(now_ms())))
+    }
+
+    pub fn advance(&self, ms: u64) {
+        self.0.fetch_add(ms, Ordering::SeqCst);
+    }
+}
+
+impl Clock for VirtualClock {
+    fn now_ms(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
 }
 
 /// A proxy whose upstream is `sim`, from `pairs` after `OPENAI_BASE_URL` (so they may override
@@ -47,10 +74,15 @@ pub fn proxy_for(
     pairs: &[(&str, &str)],
     sm: Option<aws_sdk_secretsmanager::Client>,
 ) -> Arc<Proxy> {
+    proxy_for_with(sim, pairs, Secrets::new(sm))
+}
+
+/// [`proxy_for`] with these secrets.
+pub fn proxy_for_with(sim: &Simulator, pairs: &[(&str, &str)], secrets: Secrets) -> Arc<Proxy> {
     let base = sim.base_url();
-    proxy(
+    proxy_with(
         &[&[("OPENAI_BASE_URL", base.as_str())][..], pairs].concat(),
-        sm,
+        secrets,
     )
 }
 

@@ -149,6 +149,84 @@ pub async fn secrets_client(endpoint: &str) -> aws_sdk_secretsmanager::Client {
     aws_sdk_secretsmanager::Client::new(&config)
 }
 
+/// A Secrets Manager client signing with these credentials (e.g. an IAM user's).
+pub async fn secrets_client_as(
+    endpoint: &str,
+    credentials: Credentials,
+) -> aws_sdk_secretsmanager::Client {
+    let config = aws_config::defaults(BehaviorVersion::latest())
+        .endpoint_url(endpoint)
+        .region(Region::new(REGION))
+        .credentials_provider(credentials)
+        .load()
+        .await;
+    aws_sdk_secretsmanager::Client::new(&config)
+}
+
+/// One IAM query-protocol call to moto, unsigned (moto checks nothing until [`enforce_iam`]).
+async fn iam_call(moto: &Moto, params: &[(&str, &str)]) -> String {
+    let mut form = String::from("Version=2010-05-08");
+    for (k, v) in params {
+        form.push_str(&format!("&{k}={v}"));
+    }
+    let resp = reqwest::Client::new()
+        .post(moto.endpoint())
+        .header("content-type", "application/x-www-form-urlencoded")
+        // moto routes by the credential scope's service name.
+        .header(
+            "authorization",
+            "AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/iam/aws4_request, SignedHeaders=host, Signature=0",
+        )
+        .body(form)
+        .send()
+        .await
+        .expect("IAM call to moto");
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    assert!(
+        status.is_success(),
+        "IAM call to moto failed ({status}): {text}"
+    );
+    text
+}
+
+fn xml_field<'a>(xml: &'a str, tag: &str) -> &'a str {
+    let open = format!("<{tag}>");
+    let start = xml.find(&open).expect("tag in moto's answer") + open.len();
+    let end = start + xml[start..].find('<').expect("closing tag");
+    &xml[start..end]
+}
+
+/// Creates an IAM user with no policy at all and returns its access key (so once IAM is
+/// enforced, every call it makes is denied with AWS's own `AccessDenied` text, which names the
+/// account and the user's ARN).
+pub async fn iam_user_without_policies(moto: &Moto, name: &str) -> Credentials {
+    iam_call(moto, &[("Action", "CreateUser"), ("UserName", name)]).await;
+    let xml = iam_call(moto, &[("Action", "CreateAccessKey"), ("UserName", name)]).await;
+    Credentials::new(
+        xml_field(&xml, "AccessKeyId"),
+        xml_field(&xml, "SecretAccessKey"),
+        None,
+        None,
+        "moto-iam-user",
+    )
+}
+
+/// From now on moto checks every request's signature and the caller's IAM policies.
+pub async fn enforce_iam(moto: &Moto) {
+    let resp = reqwest::Client::new()
+        .post(format!("{}/moto-api/reset-auth", moto.endpoint()))
+        .body("0")
+        .send()
+        .await
+        .expect("moto reset-auth");
+    assert!(
+        resp.status().is_success(),
+        "moto reset-auth: {}",
+        resp.status()
+    );
+}
+
 /// Creates a secret with a string value; returns its ARN.
 pub async fn create_secret(
     client: &aws_sdk_secretsmanager::Client,
