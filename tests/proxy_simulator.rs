@@ -376,7 +376,7 @@ async fn a_handshake_that_never_completes_is_a_retried_connect_error() {
     ];
     let h = harness("ok", &settings).await;
     let a = chat(&h, json!({})).await;
-    // Not a 504 after one connect timeout: three connect errors, well within the 2.8 s budget.
+    // Not a 504 after one connect timeout: three connect errors, well within the 3 s budget.
     assert_eq!(a.status, 502, "{}", a.body);
     assert!(a.elapsed_ms < 2_000, "answered after {} ms", a.elapsed_ms);
     let e = &a.json()["error"];
@@ -411,9 +411,9 @@ async fn a_handshake_that_never_completes_is_a_retried_connect_error() {
     let a = chat(&h, json!({})).await;
     assert_eq!(a.status, 502, "{}", a.body);
     assert!(
-        a.elapsed_ms < 2_800 + 150,
-        "answered after {} ms",
-        a.elapsed_ms
+        a.since_gateway_ms < DEADLINE_MS + MARGIN_MS,
+        "answered {} ms after the gateway start",
+        a.since_gateway_ms
     );
     let e = &a.json()["error"];
     assert_eq!(e["code"], "upstream_unavailable");
