@@ -8,9 +8,13 @@
 //! - a failed read is remembered with exponential backoff ([`backoff_ms`]): a flood of requests
 //!   (even unauthenticated ones, when the tokens cannot be read) is at most a few
 //!   `GetSecretValue` calls per minute, shared by concurrent requests;
+//! - a value is read again once older than `SECRETS_TTL_MS` (spec §7), so a rotated or revoked
+//!   token or key takes effect within minutes in warm environments too; never because of what a
+//!   request carries (an unknown token does not trigger a read);
 //! - the caller never sees AWS error text (it names accounts, roles and ARNs): only the setting.
 //!   The operator gets the whole error in one ERROR log line per failed read.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +25,7 @@ use tokio::sync::Mutex;
 
 use crate::config::{ClientAuth, KeySource};
 use crate::retry::{Clock, SystemClock};
+use crate::upstreams::{UpstreamSpec, parse_upstreams};
 
 /// First wait after a failed read; doubled after each further failure, up to [`BACKOFF_MAX_MS`].
 pub const BACKOFF_MIN_MS: u64 = 1_000;
@@ -144,6 +149,9 @@ pub fn settle<T: Clone>(
     }
 }
 
+/// A cell that requests for the same secret share.
+type SharedCell<T> = Arc<Mutex<Cell<T>>>;
+
 /// What callers see when Secrets Manager refused or failed: the setting, nothing of the error.
 const UNREADABLE: &str =
     "could not be read from Secrets Manager (the function's log has the details)";
@@ -152,10 +160,13 @@ const UNREADABLE: &str =
 pub struct Secrets {
     client: Option<aws_sdk_secretsmanager::Client>,
     clock: Arc<dyn Clock + Send + Sync>,
-    /// Values older than this are read again (cached for the environment's life when `u64::MAX`).
+    /// `SECRETS_TTL_MS`: values older than this are read again (`u64::MAX`: never).
     ttl_ms: u64,
-    openai_key: Mutex<Cell<Arc<str>>>,
+    /// API keys, one cell per secret ARN (the OpenAI key, and any other upstream's).
+    keys: std::sync::Mutex<HashMap<String, SharedCell<Arc<str>>>>,
     proxy_tokens: Mutex<Cell<Arc<[String]>>>,
+    /// `UPSTREAMS_SECRET_ARN`'s list.
+    upstreams: Mutex<Cell<Arc<[UpstreamSpec]>>>,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -174,14 +185,20 @@ impl Secrets {
             client,
             clock: Arc::new(SystemClock),
             ttl_ms: u64::MAX,
-            openai_key: Mutex::default(),
+            keys: std::sync::Mutex::default(),
             proxy_tokens: Mutex::default(),
+            upstreams: Mutex::default(),
         }
     }
 
     /// The same, with another clock for the cache's decisions (tests use a virtual one).
     pub fn with_clock(self, clock: Arc<dyn Clock + Send + Sync>) -> Secrets {
         Secrets { clock, ..self }
+    }
+
+    /// The same, reading values again once older than `ttl_ms` (`SECRETS_TTL_MS`).
+    pub fn with_ttl_ms(self, ttl_ms: u64) -> Secrets {
+        Secrets { ttl_ms, ..self }
     }
 
     /// The OpenAI key; with `rejected` (after an upstream 401), the cached one is read again.
@@ -191,28 +208,77 @@ impl Secrets {
         rejected: bool,
         within: Duration,
     ) -> Result<Arc<str>, SecretError> {
-        let arn = match source {
-            KeySource::Env(key) => return Ok(Arc::from(key.as_str())),
-            KeySource::SecretArn(arn) => arn,
+        match source {
+            KeySource::Env(key) => Ok(Arc::from(key.as_str())),
+            KeySource::SecretArn(arn) => {
+                self.key("OPENAI_API_KEY_SECRET_ARN", arn, rejected, within)
+                    .await
+            }
+        }
+    }
+
+    /// An API key from the secret `arn` (raw, or JSON with an `OPENAI_API_KEY` field), cached
+    /// per ARN; errors name `setting`. With `rejected`, the cached one is read again.
+    pub async fn key(
+        &self,
+        setting: &'static str,
+        arn: &str,
+        rejected: bool,
+        within: Duration,
+    ) -> Result<Arc<str>, SecretError> {
+        let cell = {
+            let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+            keys.entry(arn.to_owned()).or_default().clone()
         };
-        const SETTING: &str = "OPENAI_API_KEY_SECRET_ARN";
         let read = |until| async move {
-            let raw = self.read(SETTING, arn, within, until).await?;
+            let raw = self.read(setting, arn, within, until).await?;
             let key = parse_openai_key(&raw).ok_or_else(|| {
                 definite(
-                    SETTING,
+                    setting,
                     "holds neither a key nor JSON with an OPENAI_API_KEY field",
                 )
             })?;
             if !crate::config::is_header_token(&key) {
                 return Err(definite(
-                    SETTING,
+                    setting,
                     "holds a key with spaces, control or non-ASCII characters",
                 ));
             }
             Ok(Arc::from(key))
         };
-        self.cached(&self.openai_key, SETTING, arn, rejected, within, read)
+        self.cached(&cell, setting, arn, rejected, within, read)
+            .await
+    }
+
+    /// The key of an `UPSTREAMS` entry with `api_key_secret_arn` (a raw key or JSON like the
+    /// OpenAI key's secret); with `rejected` (after that upstream's 401), read again.
+    pub async fn upstream_key(
+        &self,
+        source: &KeySource,
+        rejected: bool,
+        within: Duration,
+    ) -> Result<Arc<str>, SecretError> {
+        let arn = match source {
+            KeySource::Env(key) => return Ok(Arc::from(key.as_str())),
+            KeySource::SecretArn(arn) => arn,
+        };
+        self.key("UPSTREAMS", arn, rejected, within).await
+    }
+
+    /// The upstream list held by `UPSTREAMS_SECRET_ARN` (the same JSON as `UPSTREAMS`).
+    pub async fn upstreams(
+        &self,
+        arn: &str,
+        within: Duration,
+    ) -> Result<Arc<[UpstreamSpec]>, SecretError> {
+        const SETTING: &str = "UPSTREAMS_SECRET_ARN";
+        let read = |until| async move {
+            let raw = self.read(SETTING, arn, within, until).await?;
+            parse_upstreams(SETTING, &raw)
+                .map(Arc::from)
+                .map_err(|e| definite(SETTING, &e.problem))
+        };
+        self.cached(&self.upstreams, SETTING, arn, false, within, read)
             .await
     }
 

@@ -140,6 +140,61 @@ async fn secrets_are_fetched_once_and_cached_across_invocations() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_tokens_and_keys_take_effect_once_older_than_secrets_ttl_ms() {
+    let (old_key, new_key) = ("sk-moto-ttl-old-key-0000001", "sk-moto-ttl-new-key-0000002");
+    let (old_token, new_token) = ("tok-moto-ttl-old-000000001", "tok-moto-ttl-new-000000002");
+    let _logs = logs::check(&[old_key, new_key, old_token, new_token]);
+    let moto = moto().await;
+    let sm = secrets_client(&moto.endpoint()).await;
+    let counting = CountingPassThrough::start(moto.addr()).await;
+    let sim = simulator().await;
+    let key_arn = create_secret(&sm, "ttl-key", old_key).await;
+    let tokens_arn = create_secret(&sm, "ttl-tokens", old_token).await;
+    let clock = VirtualClock::new();
+    let secrets =
+        Secrets::new(Some(secrets_client(&counting.endpoint()).await)).with_clock(clock.clone());
+    let p = proxy_for_with(
+        &sim,
+        &[
+            ("OPENAI_API_KEY_SECRET_ARN", &key_arn),
+            ("PROXY_API_KEYS_SECRET_ARN", &tokens_arn),
+            ("SECRETS_TTL_MS", "60000"),
+        ],
+        secrets,
+    );
+    assert_eq!(status(&invoke(&p, chat(old_token)).await.0), 200);
+    assert_eq!(counting.get_secret_value_calls(), 2);
+
+    // Both rotated: the old token is revoked, the new one issued; OpenAI key replaced.
+    put_secret_value(&sm, &tokens_arn, new_token).await;
+    put_secret_value(&sm, &key_arn, new_key).await;
+    clock.advance(59_999);
+    assert_eq!(status(&invoke(&p, chat(old_token)).await.0), 200);
+    // Unknown tokens (the new one too, not read yet) never trigger a read.
+    for i in 0..5 {
+        let guess = format!("tok-moto-ttl-guess-{i}-000000");
+        assert_error(&invoke(&p, chat(&guess)).await.0, 401, "unauthorized");
+    }
+    assert_error(&invoke(&p, chat(new_token)).await.0, 401, "unauthorized");
+    assert_eq!(counting.get_secret_value_calls(), 2);
+    assert!(bearer_seen(&sim).iter().all(|b| *b == bearer(old_key)));
+
+    // Once older than SECRETS_TTL_MS both are read again, once.
+    clock.advance(1);
+    assert_error(&invoke(&p, chat(old_token)).await.0, 401, "unauthorized");
+    assert_eq!(
+        counting.get_secret_value_calls(),
+        3,
+        "the tokens, read again"
+    );
+    sim.clear_requests();
+    assert_eq!(status(&invoke(&p, chat(new_token)).await.0), 200);
+    assert_eq!(status(&invoke(&p, chat(new_token)).await.0), 200);
+    assert_eq!(counting.get_secret_value_calls(), 4, "then the key, once");
+    assert_eq!(bearer_seen(&sim), [bearer(new_key), bearer(new_key)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_401_refetches_the_key_once_and_retries_with_the_rotated_one() {
     let (old_key, new_key) = ("sk-moto-rotate-old-00000001", "sk-moto-rotate-new-00000002");
     let token = "tok-moto-rotate-000000000001";
@@ -192,6 +247,54 @@ async fn an_upstream_401_refetches_the_key_once_and_retries_with_the_rotated_one
     assert!(!msg.contains(new_key), "{msg}");
     assert_eq!(counting.get_secret_value_calls(), 3);
     assert_eq!(bearer_seen(&sim), [new]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_after_a_key_refresh_spends_from_the_same_attempts() {
+    let (old_key, new_key) = ("sk-moto-spend-old-00000001", "sk-moto-spend-new-00000002");
+    let token = "tok-moto-spend-000000000001";
+    let _logs = logs::check(&[old_key, new_key, token]);
+    let moto = moto().await;
+    let sm = secrets_client(&moto.endpoint()).await;
+    let sim = simulator().await;
+    let key_arn = create_secret(&sm, "spending-key", old_key).await;
+    let settings = |attempts: &'static str| {
+        proxy_for(
+            &sim,
+            &[
+                ("OPENAI_API_KEY_SECRET_ARN", key_arn.as_str()),
+                ("PROXY_API_KEYS", token),
+                ("RETRY_MAX_ATTEMPTS", attempts),
+                ("RETRY_BASE_DELAY_MS", "50"),
+            ],
+            Some(sm.clone()),
+        )
+    };
+    // Three attempts in all: a 503, the 401, then one with the new key (a 503 again).
+    let p = settings("3");
+    assert_eq!(status(&invoke(&p, chat(token)).await.0), 200);
+    put_secret_value(&sm, &key_arn, new_key).await;
+    sim.clear_requests();
+    sim.set_script(parse_script("503,401,503,503,503,ok").unwrap());
+    let (resp, _) = invoke(&p, chat(token)).await;
+    assert_error(&resp, 502, "upstream_unavailable");
+    assert_eq!(header(&resp, "x-upstream-attempts"), Some("3"));
+    let (old, new) = (bearer(old_key), bearer(new_key));
+    assert_eq!(bearer_seen(&sim), [old.clone(), old.clone(), new.clone()]);
+
+    // One attempt in all: the 401 used it; the new key is fetched for the next request only.
+    put_secret_value(&sm, &key_arn, old_key).await;
+    let p = settings("1");
+    sim.clear_requests();
+    sim.set_script(parse_script("ok").unwrap());
+    assert_eq!(status(&invoke(&p, chat(token)).await.0), 200);
+    put_secret_value(&sm, &key_arn, new_key).await;
+    sim.set_script(parse_script("401,ok").unwrap());
+    let (resp, _) = invoke(&p, chat(token)).await;
+    assert_error(&resp, 502, "upstream_auth_failed");
+    assert_eq!(header(&resp, "x-upstream-attempts"), Some("1"));
+    assert_eq!(status(&invoke(&p, chat(token)).await.0), 200);
+    assert_eq!(bearer_seen(&sim), [old.clone(), old, new]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -238,6 +238,30 @@ async fn ok_for_every_route() {
     sim.shutdown();
 }
 
+/// Azure OpenAI's v1 API shape: the same routes below `/openai`; other prefixes stay unknown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_v1_paths_are_served_too() {
+    let sim = Simulator::start(0).await.unwrap();
+    let r = call(&sim, "POST", "/openai/v1/chat/completions", CHAT).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["object"], "chat.completion");
+    assert_eq!(call(&sim, "GET", "/openai/v1/models", "").await.status, 200);
+    assert_eq!(
+        call(&sim, "POST", "/openai/chat/completions", CHAT)
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        call(&sim, "POST", "/azure/v1/chat/completions", CHAT)
+            .await
+            .status,
+        404
+    );
+    assert_eq!(sim.requests()[0].path, "/openai/v1/chat/completions");
+    sim.shutdown();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_route_and_bad_json() {
     let sim = Simulator::start(0).await.unwrap();
@@ -552,6 +576,33 @@ async fn sse_stream_and_stream_cut() {
     sim.set_script(vec![Step::StreamCut]);
     let r = call(&sim, "POST", "/v1/chat/completions", CHAT).await;
     assert!(!r.complete());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_answers_are_realistic_and_at_least_the_size_asked() {
+    let sim = Simulator::start(0).await.unwrap();
+    sim.set_script(parse_script("big=300000,big=5000").unwrap());
+    let r = call(
+        &sim,
+        "POST",
+        "/v1/embeddings",
+        r#"{"model":"text-embedding-3-small","input":"x"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(r.complete());
+    assert!(r.body.len() >= 300_000, "{} bytes", r.body.len());
+    let v = r.json();
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["model"], "text-embedding-3-small");
+    let data = v["data"].as_array().unwrap();
+    assert!(data.len() > 1);
+    assert_eq!(data[1]["index"], 1);
+    assert_eq!(data[0]["embedding"].as_array().unwrap().len(), 1536);
+    // Any other route: the usual answer, padded.
+    let r = call(&sim, "POST", "/v1/chat/completions", CHAT).await;
+    assert_eq!(r.body.len(), 5000);
+    assert_eq!(r.json()["object"], "chat.completion");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,8 @@ pub mod render;
 pub mod request;
 pub mod response;
 pub mod routes;
+pub mod streaming;
+mod upstreams;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,18 +18,23 @@ use tracing::Instrument;
 
 use crate::auth;
 use crate::budget::{Budget, DeadlineSettings, GatewayKind};
-use crate::config::{self, ConfigError, KeySource, Settings};
+use crate::config::{self, ConfigError, DEFAULT_UPSTREAM, Settings};
 use crate::retry::{
-    AttemptOutcome, AttemptRecord, Decision, Engine, FailureKind, FastRandJitter, GiveUpReason,
-    RetryPolicy, RetryRun, RunOutcome, SystemClock, TokioSleeper, UpstreamReply, epoch_ms,
+    AttemptOutcome, AttemptRecord, Decision, FailureKind, GiveUpReason, RetryRun, RunOutcome,
+    UpstreamReply, epoch_ms,
 };
 use crate::secrets::Secrets;
+use crate::stream::StreamOutcome;
+use crate::telemetry::logs;
 use crate::telemetry::metrics::{InvocationMetrics, MetricsSink};
-use crate::upstream::{ForwardRequest, UpstreamClient};
+use crate::upstream::{ForwardRequest, LiveStream, UpstreamClient};
+use crate::upstreams::breaker::Breakers;
+use crate::upstreams::latency::LatencyBook;
+use crate::upstreams::{MAX_UPSTREAMS, UpstreamsSource};
 use render::render;
-use request::{BodyError, GatewayEvent};
-use response::{ErrorCode, ProxyResponse, UpstreamSummary, seconds};
-use routes::{Route, RouteKind};
+use request::{BodyError, Front, GatewayEvent};
+use response::{ErrorCode, LAMBDA_RESPONSE_LIMIT, ProxyResponse, UpstreamSummary, seconds};
+use routes::RouteKind;
 
 const STATUS_PAGE: &str = "https://status.openai.com";
 /// The routes, for messages.
@@ -56,6 +63,9 @@ pub struct Proxy {
 struct Ready {
     settings: Settings,
     upstream: UpstreamClient,
+    /// Kept across warm invocations (and shared by concurrent ones), by position in the list.
+    breakers: Breakers,
+    latency: LatencyBook,
 }
 
 /// How an invocation ended, for the `outcome` log field.
@@ -71,6 +81,8 @@ enum Outcome {
     Rejected,
     ConfigError,
     Health,
+    /// The handler panicked (a bug): answered 500 `internal_error`.
+    InternalError,
 }
 
 impl Outcome {
@@ -82,8 +94,18 @@ impl Outcome {
             Outcome::Rejected => "rejected",
             Outcome::ConfigError => "config_error",
             Outcome::Health => "health",
+            Outcome::InternalError => "internal_error",
         }
     }
+}
+
+/// When an invocation started, and whether its `request finished` line and metrics record
+/// were written (a panic after either must not write it twice).
+struct Ending {
+    started: u64,
+    cold_start: bool,
+    logged: AtomicBool,
+    recorded: AtomicBool,
 }
 
 /// What the `request finished` line and the metrics need.
@@ -93,6 +115,31 @@ struct Summary {
     code: Option<ErrorCode>,
     outcome: Outcome,
     attempts: Vec<AttemptRecord>,
+    /// §11: switches, an open breaker met, hopeless attempts skipped.
+    switches: u32,
+    circuit_open: bool,
+    skipped: u32,
+    /// The answer may be streamed for real (`RESPONSE_STREAM`, a `"stream": true` request on a
+    /// streaming route).
+    may_stream: bool,
+    /// The committed upstream stream, still to be forwarded.
+    live: Option<LiveStream>,
+}
+
+/// An event answered, before rendering (the response and what the log line needs).
+struct Answered {
+    front: Option<Front>,
+    resp: ProxyResponse,
+    summary: Summary,
+    budget: Budget,
+    request_id: String,
+}
+
+/// How a stream went, for `request finished` (spec §10).
+struct StreamLog {
+    first_byte_ms: Option<u64>,
+    bytes: u64,
+    outcome: StreamOutcome,
 }
 
 impl Proxy {
@@ -102,8 +149,13 @@ impl Proxy {
         metrics: Box<dyn MetricsSink>,
     ) -> Proxy {
         let state = settings.and_then(|settings| {
-            UpstreamClient::new(&settings.openai_base_url, settings.connect_timeout_ms)
-                .map(|upstream| Ready { settings, upstream })
+            UpstreamClient::new(settings.connect_timeout_ms, LAMBDA_RESPONSE_LIMIT)
+                .map(|upstream| Ready {
+                    breakers: Breakers::new(settings.breaker, MAX_UPSTREAMS),
+                    latency: LatencyBook::new(),
+                    settings,
+                    upstream,
+                })
                 .map_err(|_| ConfigError {
                     setting: "OPENAI_BASE_URL",
                     problem: "could not be used to build the HTTP client".into(),
@@ -112,6 +164,10 @@ impl Proxy {
         if let Err(e) = &state {
             tracing::error!(setting = e.setting, problem = %e.problem, "configuration error: every proxied request will answer 500 config_error");
         }
+        let secrets = match &state {
+            Ok(r) => secrets.with_ttl_ms(r.settings.secrets_ttl_ms),
+            Err(_) => secrets,
+        };
         Proxy {
             state,
             secrets,
@@ -123,46 +179,102 @@ impl Proxy {
     }
 
     /// Answers one event. Runs the work on its own task so that even a panic becomes a §5
-    /// 500 answer instead of a bare Lambda error.
+    /// 500 answer instead of a bare Lambda error, and still ends in one `request finished`
+    /// line and one metrics record.
     pub async fn handle_event(self: &Arc<Self>, event: Value, invocation: Invocation) -> Value {
+        let (span, ending) = self.begin(&invocation);
+        let parsed = GatewayEvent::parse(&event).map(|e| (e.front(), e.start_ms, e.path.clone()));
+        let (proxy, inv, end) = (self.clone(), invocation.clone(), ending.clone());
+        let task = tokio::spawn(
+            async move { proxy.handle(&event, &inv, &end).await }.instrument(span.clone()),
+        );
+        let e = match task.await {
+            Ok(v) => return v,
+            Err(e) => e,
+        };
+        let (front, resp) = self.internal_error(e, parsed, &invocation, &ending, &span);
+        render(front, resp)
+    }
+
+    /// The invocation's span and ending record (its start, and whether it was logged yet).
+    fn begin(&self, invocation: &Invocation) -> (tracing::Span, Arc<Ending>) {
+        logs::begin_invocation(&invocation.request_id);
         let span = tracing::info_span!("invocation", lambda_request_id = %invocation.request_id);
-        let front = GatewayEvent::parse(&event).map(|e| e.front());
-        let proxy = self.clone();
-        let inv = invocation.clone();
-        let task =
-            tokio::spawn(async move { proxy.handle(&event, &inv).await }.instrument(span.clone()));
-        match task.await {
-            Ok(v) => v,
-            Err(e) => {
-                let _g = span.enter();
-                tracing::error!(
-                    panic = e.is_panic(),
-                    "handler failed; answering 500 internal_error"
-                );
-                let resp = ProxyResponse::error(
-                    ErrorCode::InternalError,
-                    "The proxy failed while handling this request. This is a bug in the proxy, not in your request.",
-                    None,
-                    &invocation.request_id,
-                );
-                render(front, finish_headers(resp, &invocation.request_id))
-            }
-        }
+        let ending = Arc::new(Ending {
+            started: epoch_ms(),
+            cold_start: self.cold_start.swap(false, Ordering::Relaxed),
+            logged: AtomicBool::new(false),
+            recorded: AtomicBool::new(false),
+        });
+        (span, ending)
+    }
+
+    /// After the handler's task failed (a panic): the §5 500 answer, with its one `request
+    /// finished` line and metrics record if the handler had not written them yet.
+    fn internal_error(
+        &self,
+        e: tokio::task::JoinError,
+        parsed: Option<(Front, Option<u64>, String)>,
+        invocation: &Invocation,
+        ending: &Ending,
+        span: &tracing::Span,
+    ) -> (Option<Front>, ProxyResponse) {
+        let _g = span.enter();
+        tracing::error!(
+            panic = e.is_panic(),
+            "handler failed; answering 500 internal_error"
+        );
+        let id = invocation.request_id.as_str();
+        let resp = ProxyResponse::error(
+            ErrorCode::InternalError,
+            "The proxy failed while handling this request. This is a bug in the proxy, not in your request.",
+            None,
+            id,
+        );
+        let resp = finish_headers(resp, id);
+        let route = parsed.as_ref().and_then(|(_, _, path)| routes::find(path));
+        let summary = Summary {
+            route: route.map_or("unknown", |r| r.path),
+            model: None,
+            code: Some(ErrorCode::InternalError),
+            outcome: Outcome::InternalError,
+            attempts: Vec::new(),
+            switches: 0,
+            circuit_open: false,
+            skipped: 0,
+            may_stream: false,
+            live: None,
+        };
+        let gateway = parsed
+            .as_ref()
+            .map(|(front, start, _)| (front.kind, *start));
+        let budget = self.budget(invocation, gateway, ending.started);
+        self.finish(id, &summary, &resp, &budget, ending, None);
+        (parsed.map(|(front, _, _)| front), resp)
     }
 
     /// Answers one event (no panic guard; see [`Proxy::handle_event`]).
-    pub async fn handle(&self, event: &Value, invocation: &Invocation) -> Value {
-        let started = epoch_ms();
-        let cold_start = self.cold_start.swap(false, Ordering::Relaxed);
+    async fn handle(&self, event: &Value, invocation: &Invocation, ending: &Ending) -> Value {
+        let done = self.answer(event, invocation, ending, false).await;
+        let (id, summary, budget) = (&done.request_id, &done.summary, &done.budget);
+        self.finish(id, summary, &done.resp, budget, ending, None);
+        render(done.front, done.resp)
+    }
+
+    /// The answer to one event; `may_stream`: a `"stream": true` request may be committed to a
+    /// real stream (then `summary.live` holds it and `resp` carries the prelude's status and
+    /// headers).
+    async fn answer(
+        &self,
+        event: &Value,
+        invocation: &Invocation,
+        ending: &Ending,
+        may_stream: bool,
+    ) -> Answered {
         let id = invocation.request_id.as_str();
         let parsed = GatewayEvent::parse(event);
         let gateway = parsed.as_ref().map(|e| (e.kind, e.start_ms));
-        // Misconfigured: nothing goes upstream, but the default deadline still makes sense.
-        let deadline = self
-            .state
-            .as_ref()
-            .map_or_else(|_| DeadlineSettings::default(), |r| r.settings.deadline());
-        let budget = Budget::compute(invocation.deadline_ms, gateway, started, &deadline);
+        let budget = self.budget(invocation, gateway, ending.started);
         self.warn_about_emulators(&budget, invocation);
 
         let mut summary = Summary {
@@ -171,6 +283,11 @@ impl Proxy {
             code: None,
             outcome: Outcome::Rejected,
             attempts: Vec::new(),
+            switches: 0,
+            circuit_open: false,
+            skipped: 0,
+            may_stream,
+            live: None,
         };
         let resp = match &parsed {
             Some(ev) => self.serve(ev, id, &budget, &mut summary).await,
@@ -184,17 +301,58 @@ impl Proxy {
                 )
             }
         };
-        let resp = finish_headers(resp, id);
-        let elapsed_ms = epoch_ms().saturating_sub(started);
-        log_finished(&summary, &resp, elapsed_ms, &budget, cold_start);
-        if summary.outcome != Outcome::Health {
-            let failed = summary.code.is_some_and(ErrorCode::is_upstream_failure);
-            self.metrics.record(
-                id,
-                InvocationMetrics::from_attempts(&summary.attempts, failed, cold_start),
-            );
+        Answered {
+            front: parsed.map(|e| e.front()),
+            resp: finish_headers(resp, id),
+            summary,
+            budget,
+            request_id: id.to_owned(),
         }
-        render(parsed.map(|e| e.front()), resp)
+    }
+
+    /// The invocation's budget. Misconfigured: nothing goes upstream, but the default deadline
+    /// still makes sense.
+    fn budget(
+        &self,
+        invocation: &Invocation,
+        gateway: Option<(GatewayKind, Option<u64>)>,
+        started: u64,
+    ) -> Budget {
+        let deadline = self
+            .state
+            .as_ref()
+            .map_or_else(|_| DeadlineSettings::default(), |r| r.settings.deadline());
+        Budget::compute(invocation.deadline_ms, gateway, started, &deadline)
+    }
+
+    /// The `request finished` line and the metrics record, each written once per invocation
+    /// (after a panic, only what the handler did not write yet).
+    fn finish(
+        &self,
+        id: &str,
+        summary: &Summary,
+        resp: &ProxyResponse,
+        budget: &Budget,
+        ending: &Ending,
+        stream: Option<&StreamLog>,
+    ) {
+        let cold_start = ending.cold_start;
+        if !ending.logged.swap(true, Ordering::SeqCst) {
+            let elapsed_ms = epoch_ms().saturating_sub(ending.started);
+            log_finished(summary, resp, elapsed_ms, budget, cold_start, stream);
+        }
+        if summary.outcome != Outcome::Health && !ending.recorded.swap(true, Ordering::SeqCst) {
+            let failed = summary.code.is_some_and(ErrorCode::is_upstream_failure);
+            let metrics = InvocationMetrics {
+                fallbacks: summary.switches.into(),
+                circuit_open: summary.circuit_open.into(),
+                attempts_skipped: summary.skipped.into(),
+                time_to_first_byte_ms: stream.and_then(|s| s.first_byte_ms).map(|ms| ms as f64),
+                streams_interrupted: stream.map_or(0, |s| u64::from(s.outcome.is_interrupted())),
+                ..InvocationMetrics::from_attempts(&summary.attempts, failed, cold_start)
+            };
+            self.metrics.record(id, metrics);
+        }
     }
 
     fn warn_about_emulators(&self, budget: &Budget, invocation: &Invocation) {
@@ -266,13 +424,6 @@ impl Proxy {
             Err(e) => return config_error(summary, id, e.setting, &e.problem),
         };
         let settings = &ready.settings;
-        if ev
-            .header("host")
-            .is_some_and(|host| config::is_own_host(&settings.openai_base_url, host))
-        {
-            let problem = "points at this proxy itself (the host this request arrived on), so every request would call the function again; set it to the upstream's URL";
-            return config_error(summary, id, "OPENAI_BASE_URL", problem);
-        }
         let within = budget.time_left(epoch_ms());
 
         match self.secrets.proxy_tokens(&settings.auth, within).await {
@@ -311,6 +462,7 @@ impl Proxy {
                 );
             }
         };
+        let mut stream = false;
         if route.method == "POST" {
             let value: Value = match serde_json::from_slice(&body) {
                 Ok(v) => v,
@@ -326,6 +478,8 @@ impl Proxy {
                     "Request body must be a JSON object.".into(),
                 );
             };
+            stream = object.get("stream") == Some(&Value::Bool(true));
+            summary.may_stream &= stream && route.streams();
             match object.get("model") {
                 Some(Value::String(m)) => summary.model = Some(m.clone()),
                 None if !model_required => {}
@@ -366,12 +520,28 @@ impl Proxy {
             }
         }
 
-        let key = match self
-            .secrets
-            .openai_key(&settings.openai_key, false, within)
-            .await
+        let list = match self.upstream_list(settings, within).await {
+            Ok(list) => list,
+            Err(e) => return config_error(summary, id, e.setting, &e.problem),
+        };
+        if let Some(host) = ev.header("host")
+            && let Some(own) = list.iter().find(|u| config::is_own_host(&u.base_url, host))
         {
-            Ok(k) => k,
+            let setting = match &settings.upstreams {
+                UpstreamsSource::List(l) if l.len() == 1 && l[0].name == DEFAULT_UPSTREAM => {
+                    "OPENAI_BASE_URL"
+                }
+                UpstreamsSource::List(_) => "UPSTREAMS",
+                UpstreamsSource::SecretArn(_) => "UPSTREAMS_SECRET_ARN",
+            };
+            let problem = format!(
+                "points at this proxy itself (upstream `{}` is the host this request arrived on), so every request would call the function again; set it to the upstream's URL",
+                own.name
+            );
+            return config_error(summary, id, setting, &problem);
+        }
+        let keys = match self.upstream_keys(settings, &list, None, within).await {
+            Ok(keys) => keys,
             Err(e) => return config_error(summary, id, e.setting, &e.problem),
         };
         let forward = ForwardRequest {
@@ -385,103 +555,23 @@ impl Proxy {
             content_type: ev.header("content-type").map(str::to_owned),
             idempotency_key: ev.header("idempotency-key").map(str::to_owned),
             client_request_id: id.to_owned(),
-            organization: settings.openai_organization.clone(),
-            project: settings.openai_project.clone(),
         };
-        let run = self
-            .call_upstream(
-                ready,
-                route,
-                &forward,
-                key,
-                budget,
-                summary.model.as_deref(),
-            )
-            .await;
-        respond(run, id, budget, summary)
-    }
-
-    /// Runs the retry engine; after an upstream 401 with a key from Secrets Manager, fetches the
-    /// key again once (rotation) and retries with what is left of the budget.
-    async fn call_upstream(
-        &self,
-        ready: &Ready,
-        route: &Route,
-        forward: &ForwardRequest,
-        key: Arc<str>,
-        budget: &Budget,
-        model: Option<&str>,
-    ) -> RetryRun {
-        let (settings, client) = (&ready.settings, &ready.upstream);
-        let engine = Engine {
-            policy: RetryPolicy {
-                max_attempts: settings.retry_max_attempts,
-                base_delay_ms: settings.retry_base_delay_ms,
-                max_delay_ms: settings.retry_max_delay_ms,
-            },
-            min_attempt_ms: settings.min_attempt_ms,
-            attempt_timeout_ms: settings.attempt_timeout_ms,
+        let routed = upstreams::Routed {
+            route,
+            forward: &forward,
+            list: &list,
+            models: summary
+                .model
+                .as_deref()
+                .map(|m| settings.model_fallbacks.chain(m)),
+            stream,
+            live: summary.may_stream.then(|| std::sync::Mutex::new(None)),
         };
-        let attempt_with = |key: Arc<str>| {
-            move |plan: crate::retry::AttemptPlan| {
-                let key = key.clone();
-                async move { client.send(forward, &key, plan.timeout_ms).await }
-            }
-        };
-        let mut run = engine
-            .run(
-                budget.deadline_ms,
-                &SystemClock,
-                &TokioSleeper,
-                &mut FastRandJitter,
-                attempt_with(key.clone()),
-                |r| log_attempt(route, model, r, 0),
-            )
-            .await;
-        let rejected_key = matches!(&run.outcome, RunOutcome::Answer(r) if r.status == 401);
-        if !(rejected_key && matches!(settings.openai_key, KeySource::SecretArn(_))) {
-            return run;
+        let run = self.call_upstream(ready, &routed, keys, budget).await;
+        if matches!(&run.outcome, RunOutcome::Answer(r) if (200..300).contains(&r.status)) {
+            summary.live = routed.take_live();
         }
-        let within = budget.time_left(epoch_ms());
-        let Ok(fresh) = self
-            .secrets
-            .openai_key(&settings.openai_key, true, within)
-            .await
-        else {
-            return run;
-        };
-        if fresh == key {
-            // Not rotated: the same key would be rejected again.
-            tracing::warn!(
-                "upstream rejected the OpenAI key (401); the secret still holds the same key"
-            );
-            return run;
-        }
-        tracing::warn!(
-            "upstream rejected the OpenAI key (401); fetched it again from Secrets Manager and retrying once"
-        );
-        let offset = run.attempts.len() as u32;
-        let second = engine
-            .run(
-                budget.deadline_ms,
-                &SystemClock,
-                &TokioSleeper,
-                &mut FastRandJitter,
-                attempt_with(fresh),
-                |r| log_attempt(route, model, r, offset),
-            )
-            .await;
-        if matches!(second.outcome, RunOutcome::NoTimeToStart { .. }) {
-            return run;
-        }
-        run.attempts
-            .extend(second.attempts.into_iter().map(|mut a| {
-                a.attempt += offset;
-                a
-            }));
-        run.outcome = second.outcome;
-        run.elapsed_ms = epoch_ms().saturating_sub(budget.started_ms);
-        run
+        respond(run, &routed, id, budget, summary)
     }
 }
 
@@ -495,7 +585,13 @@ fn config_error(summary: &mut Summary, id: &str, setting: &str, problem: &str) -
 }
 
 /// Turns the engine's result into the caller's answer (spec §5).
-fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> ProxyResponse {
+fn respond(
+    run: RetryRun,
+    req: &upstreams::Routed<'_>,
+    id: &str,
+    budget: &Budget,
+    summary: &mut Summary,
+) -> ProxyResponse {
     let upstream = UpstreamSummary {
         status: run.attempts.iter().rev().find_map(|a| a.status),
         attempts: run.attempts.len() as u32,
@@ -506,6 +602,7 @@ fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> P
             .filter_map(|a| a.upstream_request_id.clone())
             .collect(),
         last_error: None,
+        by_upstream: upstreams::by_upstream(&run.attempts, &req.names()),
     };
     let last_request_id = upstream.request_ids.last().cloned();
     let ids = if upstream.request_ids.is_empty() {
@@ -513,6 +610,10 @@ fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> P
     } else {
         upstream.request_ids.join(", ")
     };
+    (summary.switches, summary.circuit_open, summary.skipped) =
+        (run.switches, run.circuit_open, run.skipped);
+    let route_headers = upstreams::route_headers(&run, req);
+    let expected_ms = run.attempts.last().and_then(|a| a.expected_ms);
     summary.attempts = run.attempts;
     let (mut resp, last_reply) = match run.outcome {
         RunOutcome::Answer(reply) if matches!(reply.status, 401 | 403) => {
@@ -549,7 +650,13 @@ fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> P
             if let Some(ms) = reply.header("retry-after-ms") {
                 resp.set_header("retry-after-ms", ms);
             }
+            if reply.oversized || !resp.fits_lambda_limit() {
+                resp = too_large(&reply, upstream, &ids, id, summary);
+            }
             (resp, Some(reply))
+        }
+        RunOutcome::CircuitOpen { retry_after_ms } => {
+            (circuit_open(summary, upstream, retry_after_ms, id), None)
         }
         RunOutcome::GaveUp {
             reason,
@@ -565,6 +672,7 @@ fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> P
                 reason,
                 &last,
                 retry_after_ms,
+                expected_ms,
                 &upstream,
                 &ids,
                 budget.budget_ms,
@@ -608,7 +716,62 @@ fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> P
     if let Some(reply) = last_reply {
         pass_through_headers(&reply, &mut resp);
     }
+    for (name, value) in route_headers {
+        resp.set_header(name, value);
+    }
     resp
+}
+
+/// 503 `upstream_circuit_open`: every upstream's breaker is open (§11).
+fn circuit_open(
+    summary: &mut Summary,
+    upstream: UpstreamSummary,
+    retry_after_ms: u64,
+    id: &str,
+) -> ProxyResponse {
+    let code = ErrorCode::UpstreamCircuitOpen;
+    summary.outcome = Outcome::UpstreamFailure;
+    summary.code = Some(code);
+    summary.circuit_open = true;
+    let secs = retry_after_ms.div_ceil(1000).max(1);
+    let tried = match upstream.attempts {
+        0 => "so no upstream was called".to_owned(),
+        n => format!(
+            "after {n} attempt{} (last: {})",
+            if n == 1 { "" } else { "s" },
+            upstream.last_error.as_deref().unwrap_or("none")
+        ),
+    };
+    let message = format!(
+        "Every upstream is failing: their circuit breakers are open (BREAKER_FAILURES retryable failures in a row), {tried}. The first one will be tried again in {secs} s; retry after that."
+    );
+    let mut resp = ProxyResponse::error(code, message, Some(&upstream), id);
+    resp.set_header("retry-after", secs.to_string());
+    resp
+}
+
+/// 502 `upstream_response_too_large`: the upstream's final answer cannot be returned through
+/// Lambda. Retrying cannot help, so it is not retried (like every error, `x-should-retry: false`).
+fn too_large(
+    reply: &UpstreamReply,
+    upstream: UpstreamSummary,
+    ids: &str,
+    id: &str,
+    summary: &mut Summary,
+) -> ProxyResponse {
+    let code = ErrorCode::UpstreamResponseTooLarge;
+    summary.outcome = Outcome::UpstreamFailure;
+    summary.code = Some(code);
+    let status = AttemptOutcome::Reply(reply.clone()).describe();
+    let upstream = UpstreamSummary {
+        last_error: Some(format!("{status}: answer too large")),
+        ..upstream
+    };
+    let message = format!(
+        "OpenAI's answer ({status}) is larger than the {} MB a Lambda function can return, so the proxy read no further and cannot pass it on. Ask for less in one request (fewer inputs per embeddings request, encoding_format \"base64\" for embeddings, a lower max_tokens). Upstream request ids: {ids}.",
+        LAMBDA_RESPONSE_LIMIT / 1_000_000
+    );
+    ProxyResponse::error(code, message, Some(&upstream), id)
 }
 
 /// The §5 code and message after the engine gave up: 504 only when the deadline cut an attempt
@@ -617,6 +780,7 @@ fn gave_up(
     reason: GiveUpReason,
     last: &AttemptOutcome,
     retry_after_ms: Option<u64>,
+    expected_ms: Option<u64>,
     upstream: &UpstreamSummary,
     ids: &str,
     budget_ms: u64,
@@ -641,6 +805,10 @@ fn gave_up(
             seconds(retry_after_ms.unwrap_or_default())
         ),
         GiveUpReason::DeadlineReached => format!("the proxy's {budget} time budget ran out"),
+        GiveUpReason::ExpectedLatencyExceedsBudget => format!(
+            "the next attempt was not started because successful attempts there recently took up to {}, more than the time left in the proxy's {budget} time budget (expected_latency_exceeds_budget)",
+            seconds(expected_ms.unwrap_or_default())
+        ),
     };
     match (reason, last) {
         (GiveUpReason::DeadlineReached, _) => (
@@ -700,12 +868,16 @@ fn printable(s: &str) -> String {
     out
 }
 
-fn log_attempt(route: &Route, model: Option<&str>, r: &AttemptRecord, offset: u32) {
+/// The `upstream attempt` line (§6, §11): `upstream` is the name, `model` the one asked for.
+fn log_attempt(req: &upstreams::Routed<'_>, names: &[String], r: &AttemptRecord, offset: u32) {
     let (status, error_kind) = (r.status, r.error_kind.map(FailureKind::as_str));
+    let model = req.model(r.target.model);
+    let upstream = names.get(r.target.upstream).map_or("", String::as_str);
     macro_rules! attempt_event {
         ($level:ident) => {
             tracing::$level!(
-                route = route.path,
+                route = req.route.path,
+                upstream,
                 json.model = %json!(model),
                 attempt = r.attempt + offset,
                 json.status = %json!(status),
@@ -716,6 +888,7 @@ fn log_attempt(route: &Route, model: Option<&str>, r: &AttemptRecord, offset: u3
                 reason = %r.reason,
                 json.next_delay_ms = %json!(r.next_delay_ms),
                 remaining_ms = r.remaining_ms,
+                json.expected_ms = %json!(r.expected_ms),
                 "upstream attempt"
             )
         };
@@ -732,7 +905,11 @@ fn log_finished(
     elapsed_ms: u64,
     budget: &Budget,
     cold_start: bool,
+    stream: Option<&StreamLog>,
 ) {
+    let first_byte_ms = stream.and_then(|st| st.first_byte_ms);
+    let stream_bytes = stream.map(|st| st.bytes);
+    let stream_outcome = stream.map(|st| st.outcome.as_str());
     let ids: Vec<&str> = s
         .attempts
         .iter()
@@ -751,13 +928,17 @@ fn log_finished(
                 budget_ms = budget.budget_ms,
                 json.upstream_request_ids = %json!(ids),
                 cold_start,
+                streamed = stream.is_some(),
+                json.first_byte_ms = %json!(first_byte_ms),
+                json.stream_bytes = %json!(stream_bytes),
+                json.stream_outcome = %json!(stream_outcome),
                 "request finished"
             )
         };
     }
     match s.outcome {
         Outcome::UpstreamFailure => finished_event!(warn),
-        Outcome::ConfigError => finished_event!(error),
+        Outcome::ConfigError | Outcome::InternalError => finished_event!(error),
         _ => finished_event!(info),
     }
 }
