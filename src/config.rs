@@ -61,6 +61,28 @@ pub enum InvokeMode {
     ResponseStream,
 }
 
+impl InvokeMode {
+    fn parse(raw: Option<&str>) -> Result<InvokeMode, ConfigError> {
+        match raw.map(str::trim).filter(|m| !m.is_empty()) {
+            None => Ok(InvokeMode::Buffered),
+            Some(m) if m.eq_ignore_ascii_case("BUFFERED") => Ok(InvokeMode::Buffered),
+            Some(m) if m.eq_ignore_ascii_case("RESPONSE_STREAM") => Ok(InvokeMode::ResponseStream),
+            Some(_) => Err(invalid(
+                "INVOKE_MODE",
+                "must be `BUFFERED` or `RESPONSE_STREAM`",
+            )),
+        }
+    }
+
+    /// The mode the runtime must answer in, read on its own: even when another setting is bad
+    /// (every request then gets 500 `config_error`), that answer must come in the format Lambda
+    /// expects. An unreadable `INVOKE_MODE` falls back to `BUFFERED`.
+    pub fn from_env() -> InvokeMode {
+        InvokeMode::parse(std::env::var("INVOKE_MODE").ok().as_deref())
+            .unwrap_or(InvokeMode::Buffered)
+    }
+}
+
 /// Where the server's OpenAI key comes from.
 #[derive(Clone)]
 pub enum KeySource {
@@ -225,17 +247,7 @@ impl Settings {
                 "must be at most 255 characters and not start with `AWS/`",
             ));
         }
-        let invoke_mode = match env.get("INVOKE_MODE").as_deref() {
-            None => InvokeMode::Buffered,
-            Some(m) if m.eq_ignore_ascii_case("BUFFERED") => InvokeMode::Buffered,
-            Some(m) if m.eq_ignore_ascii_case("RESPONSE_STREAM") => InvokeMode::ResponseStream,
-            Some(_) => {
-                return Err(invalid(
-                    "INVOKE_MODE",
-                    "must be `BUFFERED` or `RESPONSE_STREAM`",
-                ));
-            }
-        };
+        let invoke_mode = InvokeMode::parse(env.get("INVOKE_MODE").as_deref())?;
         let retry_max_attempts = env.number("RETRY_MAX_ATTEMPTS", 5, 1, 20)? as u32;
         let deadline = DeadlineSettings::default();
         let openai_organization = env

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use lambda_runtime::{Error, LambdaEvent, Runtime, layers, service_fn};
-use openai_lambda_proxy::config::Settings;
+use openai_lambda_proxy::config::{InvokeMode, Settings};
 use openai_lambda_proxy::secrets::Secrets;
 use openai_lambda_proxy::telemetry::backend::Metrics;
 use openai_lambda_proxy::telemetry::logs;
@@ -31,13 +31,26 @@ async fn main() -> Result<(), Error> {
         Secrets::new(secrets_client),
         metrics.sink(),
     ));
+    if InvokeMode::from_env() == InvokeMode::ResponseStream {
+        let handler = service_fn(move |event: LambdaEvent<Value>| {
+            let proxy = proxy.clone();
+            async move {
+                let invocation = invocation(&event.context);
+                let answer = proxy
+                    .handle_streaming_event(event.payload, invocation)
+                    .await;
+                Ok::<_, Error>(answer)
+            }
+        });
+        let runtime = Runtime::new(handler)
+            .layer(layers::TracingLayer::new())
+            .layer(metrics.after_response_layer());
+        return metrics.run(runtime.run()).await;
+    }
     let handler = service_fn(move |event: LambdaEvent<Value>| {
         let proxy = proxy.clone();
         async move {
-            let invocation = Invocation {
-                request_id: event.context.request_id.clone(),
-                deadline_ms: event.context.deadline,
-            };
+            let invocation = invocation(&event.context);
             Ok::<Value, Error>(proxy.handle_event(event.payload, invocation).await)
         }
     });
@@ -45,4 +58,11 @@ async fn main() -> Result<(), Error> {
         .layer(layers::TracingLayer::new())
         .layer(metrics.after_response_layer());
     metrics.run(runtime.run()).await
+}
+
+fn invocation(context: &lambda_runtime::Context) -> Invocation {
+    Invocation {
+        request_id: context.request_id.clone(),
+        deadline_ms: context.deadline,
+    }
 }

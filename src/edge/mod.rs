@@ -5,6 +5,7 @@
 pub mod request;
 pub mod response;
 pub mod routes;
+pub mod streaming;
 mod upstreams;
 
 use std::sync::Arc;
@@ -23,9 +24,10 @@ use crate::retry::{
     UpstreamReply, epoch_ms,
 };
 use crate::secrets::Secrets;
+use crate::stream::StreamOutcome;
 use crate::telemetry::logs;
 use crate::telemetry::metrics::{InvocationMetrics, MetricsSink};
-use crate::upstream::{ForwardRequest, UpstreamClient};
+use crate::upstream::{ForwardRequest, LiveStream, UpstreamClient};
 use crate::upstreams::breaker::Breakers;
 use crate::upstreams::latency::LatencyBook;
 use crate::upstreams::{MAX_UPSTREAMS, UpstreamsSource};
@@ -114,6 +116,27 @@ struct Summary {
     switches: u32,
     circuit_open: bool,
     skipped: u32,
+    /// The answer may be streamed for real (`RESPONSE_STREAM`, a `"stream": true` request on a
+    /// streaming route).
+    may_stream: bool,
+    /// The committed upstream stream, still to be forwarded.
+    live: Option<LiveStream>,
+}
+
+/// An event answered, before rendering (the response and what the log line needs).
+struct Answered {
+    kind: Option<GatewayKind>,
+    resp: ProxyResponse,
+    summary: Summary,
+    budget: Budget,
+    request_id: String,
+}
+
+/// How a stream went, for `request finished` (spec §10).
+struct StreamLog {
+    first_byte_ms: Option<u64>,
+    bytes: u64,
+    outcome: StreamOutcome,
 }
 
 impl Proxy {
@@ -156,14 +179,7 @@ impl Proxy {
     /// 500 answer instead of a bare Lambda error, and still ends in one `request finished`
     /// line and one metrics record.
     pub async fn handle_event(self: &Arc<Self>, event: Value, invocation: Invocation) -> Value {
-        logs::begin_invocation(&invocation.request_id);
-        let span = tracing::info_span!("invocation", lambda_request_id = %invocation.request_id);
-        let ending = Arc::new(Ending {
-            started: epoch_ms(),
-            cold_start: self.cold_start.swap(false, Ordering::Relaxed),
-            logged: AtomicBool::new(false),
-            recorded: AtomicBool::new(false),
-        });
+        let (span, ending) = self.begin(&invocation);
         let parsed = GatewayEvent::parse(&event).map(|e| (e.kind, e.start_ms, e.path.clone()));
         let (proxy, inv, end) = (self.clone(), invocation.clone(), ending.clone());
         let task = tokio::spawn(
@@ -173,6 +189,33 @@ impl Proxy {
             Ok(v) => return v,
             Err(e) => e,
         };
+        let (kind, resp) = self.internal_error(e, parsed, &invocation, &ending, &span);
+        render(kind, resp)
+    }
+
+    /// The invocation's span and ending record (its start, and whether it was logged yet).
+    fn begin(&self, invocation: &Invocation) -> (tracing::Span, Arc<Ending>) {
+        logs::begin_invocation(&invocation.request_id);
+        let span = tracing::info_span!("invocation", lambda_request_id = %invocation.request_id);
+        let ending = Arc::new(Ending {
+            started: epoch_ms(),
+            cold_start: self.cold_start.swap(false, Ordering::Relaxed),
+            logged: AtomicBool::new(false),
+            recorded: AtomicBool::new(false),
+        });
+        (span, ending)
+    }
+
+    /// After the handler's task failed (a panic): the §5 500 answer, with its one `request
+    /// finished` line and metrics record if the handler had not written them yet.
+    fn internal_error(
+        &self,
+        e: tokio::task::JoinError,
+        parsed: Option<(GatewayKind, Option<u64>, String)>,
+        invocation: &Invocation,
+        ending: &Ending,
+        span: &tracing::Span,
+    ) -> (Option<GatewayKind>, ProxyResponse) {
         let _g = span.enter();
         tracing::error!(
             panic = e.is_panic(),
@@ -196,15 +239,33 @@ impl Proxy {
             switches: 0,
             circuit_open: false,
             skipped: 0,
+            may_stream: false,
+            live: None,
         };
         let gateway = parsed.as_ref().map(|(kind, start, _)| (*kind, *start));
-        let budget = self.budget(&invocation, gateway, ending.started);
-        self.finish(id, &summary, &resp, &budget, &ending);
-        render(parsed.map(|(kind, _, _)| kind), resp)
+        let budget = self.budget(invocation, gateway, ending.started);
+        self.finish(id, &summary, &resp, &budget, ending, None);
+        (parsed.map(|(kind, _, _)| kind), resp)
     }
 
     /// Answers one event (no panic guard; see [`Proxy::handle_event`]).
     async fn handle(&self, event: &Value, invocation: &Invocation, ending: &Ending) -> Value {
+        let done = self.answer(event, invocation, ending, false).await;
+        let (id, summary, budget) = (&done.request_id, &done.summary, &done.budget);
+        self.finish(id, summary, &done.resp, budget, ending, None);
+        render(done.kind, done.resp)
+    }
+
+    /// The answer to one event; `may_stream`: a `"stream": true` request may be committed to a
+    /// real stream (then `summary.live` holds it and `resp` carries the prelude's status and
+    /// headers).
+    async fn answer(
+        &self,
+        event: &Value,
+        invocation: &Invocation,
+        ending: &Ending,
+        may_stream: bool,
+    ) -> Answered {
         let id = invocation.request_id.as_str();
         let parsed = GatewayEvent::parse(event);
         let gateway = parsed.as_ref().map(|e| (e.kind, e.start_ms));
@@ -220,6 +281,8 @@ impl Proxy {
             switches: 0,
             circuit_open: false,
             skipped: 0,
+            may_stream,
+            live: None,
         };
         let resp = match &parsed {
             Some(ev) => self.serve(ev, id, &budget, &mut summary).await,
@@ -233,9 +296,13 @@ impl Proxy {
                 )
             }
         };
-        let resp = finish_headers(resp, id);
-        self.finish(id, &summary, &resp, &budget, ending);
-        render(parsed.map(|e| e.kind), resp)
+        Answered {
+            kind: parsed.map(|e| e.kind),
+            resp: finish_headers(resp, id),
+            summary,
+            budget,
+            request_id: id.to_owned(),
+        }
     }
 
     /// The invocation's budget. Misconfigured: nothing goes upstream, but the default deadline
@@ -262,11 +329,12 @@ impl Proxy {
         resp: &ProxyResponse,
         budget: &Budget,
         ending: &Ending,
+        stream: Option<&StreamLog>,
     ) {
         let cold_start = ending.cold_start;
         if !ending.logged.swap(true, Ordering::SeqCst) {
             let elapsed_ms = epoch_ms().saturating_sub(ending.started);
-            log_finished(summary, resp, elapsed_ms, budget, cold_start);
+            log_finished(summary, resp, elapsed_ms, budget, cold_start, stream);
         }
         if summary.outcome != Outcome::Health && !ending.recorded.swap(true, Ordering::SeqCst) {
             let failed = summary.code.is_some_and(ErrorCode::is_upstream_failure);
@@ -274,6 +342,8 @@ impl Proxy {
                 fallbacks: summary.switches.into(),
                 circuit_open: summary.circuit_open.into(),
                 attempts_skipped: summary.skipped.into(),
+                time_to_first_byte_ms: stream.and_then(|s| s.first_byte_ms).map(|ms| ms as f64),
+                streams_interrupted: stream.map_or(0, |s| u64::from(s.outcome.is_interrupted())),
                 ..InvocationMetrics::from_attempts(&summary.attempts, failed, cold_start)
             };
             self.metrics.record(id, metrics);
@@ -397,6 +467,7 @@ impl Proxy {
                 );
             };
             stream = object.get("stream") == Some(&Value::Bool(true));
+            summary.may_stream &= stream && route.streams();
             match object.get("model") {
                 Some(Value::String(m)) => summary.model = Some(m.clone()),
                 None if !model_required => {}
@@ -482,8 +553,12 @@ impl Proxy {
                 .as_deref()
                 .map(|m| settings.model_fallbacks.chain(m)),
             stream,
+            live: summary.may_stream.then(|| std::sync::Mutex::new(None)),
         };
         let run = self.call_upstream(ready, &routed, keys, budget).await;
+        if matches!(&run.outcome, RunOutcome::Answer(r) if (200..300).contains(&r.status)) {
+            summary.live = routed.take_live();
+        }
         respond(run, &routed, id, budget, summary)
     }
 }
@@ -844,7 +919,11 @@ fn log_finished(
     elapsed_ms: u64,
     budget: &Budget,
     cold_start: bool,
+    stream: Option<&StreamLog>,
 ) {
+    let first_byte_ms = stream.and_then(|st| st.first_byte_ms);
+    let stream_bytes = stream.map(|st| st.bytes);
+    let stream_outcome = stream.map(|st| st.outcome.as_str());
     let ids: Vec<&str> = s
         .attempts
         .iter()
@@ -863,6 +942,10 @@ fn log_finished(
                 budget_ms = budget.budget_ms,
                 json.upstream_request_ids = %json!(ids),
                 cold_start,
+                streamed = stream.is_some(),
+                json.first_byte_ms = %json!(first_byte_ms),
+                json.stream_bytes = %json!(stream_bytes),
+                json.stream_outcome = %json!(stream_outcome),
                 "request finished"
             )
         };

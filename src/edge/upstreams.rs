@@ -2,7 +2,7 @@
 //! retry run (with the key refresh after a 401), and what the caller sees of it: the
 //! `x-proxy-*` headers and `upstream.by_upstream`. Never a URL, query string or key.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use serde_json::Value;
@@ -16,7 +16,7 @@ use crate::retry::{
     SystemClock, TokioSleeper, epoch_ms,
 };
 use crate::secrets::SecretError;
-use crate::upstream::ForwardRequest;
+use crate::upstream::{ForwardRequest, LiveStream};
 use crate::upstreams::routing::Router;
 use crate::upstreams::{UpstreamSpec, UpstreamsSource};
 
@@ -28,11 +28,20 @@ pub(super) struct Routed<'a> {
     /// The requested model and its `MODEL_FALLBACKS`; `None` for a request without a model.
     pub models: Option<Vec<String>>,
     pub stream: bool,
+    /// Streamed for real (spec §10): each attempt may commit to a stream; the last committed one
+    /// is kept here.
+    pub live: Option<Mutex<Option<LiveStream>>>,
 }
 
 impl Routed<'_> {
     pub fn names(&self) -> Vec<String> {
         self.list.iter().map(|u| u.name.clone()).collect()
+    }
+
+    /// The committed stream, if the run ended on one.
+    pub fn take_live(&self) -> Option<LiveStream> {
+        let slot = self.live.as_ref()?;
+        slot.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     /// The model an attempt asks for (before the upstream's own model map).
@@ -201,10 +210,17 @@ impl Proxy {
             None => req.forward.body.clone(),
         };
         async move {
-            ready
-                .upstream
-                .send(req.forward, spec, &key, body, plan.timeout_ms)
-                .await
+            let client = &ready.upstream;
+            let Some(live) = &req.live else {
+                return client
+                    .send(req.forward, spec, &key, body, plan.timeout_ms)
+                    .await;
+            };
+            let (outcome, stream) = client
+                .send_stream(req.forward, spec, &key, body, plan.timeout_ms)
+                .await;
+            *live.lock().unwrap_or_else(|e| e.into_inner()) = stream;
+            outcome
         }
     }
 }
