@@ -298,6 +298,66 @@ async fn the_retry_after_a_key_refresh_spends_from_the_same_attempts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_revoked_upstream_but_not_rotated_is_not_read_again_per_request() {
+    let (key, rotated) = (
+        "sk-moto-revoked-key-0000001",
+        "sk-moto-revoked-key-rotated1",
+    );
+    let token = "tok-moto-revoked-000000001";
+    let _logs = logs::check(&[key, rotated, token]);
+    let moto = moto().await;
+    let sm = secrets_client(&moto.endpoint()).await;
+    let counting = CountingPassThrough::start(moto.addr()).await;
+    let sim = simulator().await;
+    let key_arn = create_secret(&sm, "revoked-key", key).await;
+    let clock = VirtualClock::new();
+    let secrets =
+        Secrets::new(Some(secrets_client(&counting.endpoint()).await)).with_clock(clock.clone());
+    let p = proxy_for_with(
+        &sim,
+        &[
+            ("OPENAI_API_KEY_SECRET_ARN", &key_arn),
+            ("PROXY_API_KEYS", token),
+        ],
+        secrets,
+    );
+    // OpenAI rejects the key from now on; the secret is not rotated.
+    let rejected = || parse_script("401").unwrap().remove(0);
+    sim.set_default(rejected());
+    for _ in 0..10 {
+        let (resp, _) = invoke(&p, chat(token)).await;
+        assert_error(&resp, 502, "upstream_auth_failed");
+    }
+    // The first read, one read again after the first 401, then none within the backoff.
+    assert_eq!(counting.get_secret_value_calls(), 2);
+    clock.advance(1_000);
+    assert_error(
+        &invoke(&p, chat(token)).await.0,
+        502,
+        "upstream_auth_failed",
+    );
+    assert_eq!(counting.get_secret_value_calls(), 3);
+
+    // Rotated during the backoff: the old key keeps being used until it passed (2 s now)...
+    put_secret_value(&sm, &key_arn, rotated).await;
+    sim.set_default(parse_script("ok").unwrap().remove(0));
+    sim.set_script(vec![rejected()]);
+    assert_error(
+        &invoke(&p, chat(token)).await.0,
+        502,
+        "upstream_auth_failed",
+    );
+    assert_eq!(counting.get_secret_value_calls(), 3);
+    // ...then the next 401 reads the rotated key and the retry with it works.
+    clock.advance(2_000);
+    sim.clear_requests();
+    sim.set_script(vec![rejected()]);
+    assert_eq!(status(&invoke(&p, chat(token)).await.0), 200);
+    assert_eq!(counting.get_secret_value_calls(), 4);
+    assert_eq!(bearer_seen(&sim), [bearer(key), bearer(rotated)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_or_unusable_secrets_are_config_errors_naming_the_setting() {
     let values = [
         "sk-moto-good-key-0000000001",
