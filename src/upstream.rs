@@ -5,6 +5,7 @@ use std::error::Error as _;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use reqwest::header::HeaderValue;
 use reqwest::{Method, redirect};
 use tokio::time::Instant;
 
@@ -27,6 +28,15 @@ pub struct UpstreamClient {
     http: reqwest::Client,
     /// No answer body is read past this many bytes (Lambda's response limit).
     max_body_bytes: usize,
+}
+
+/// The configured part of a request that could not be built ([`UpstreamClient::unsendable_part`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnsendablePart {
+    BaseUrl,
+    Key,
+    Organization,
+    Project,
 }
 
 /// One request to forward (spec §2: only these headers go upstream).
@@ -59,6 +69,28 @@ impl UpstreamClient {
             http,
             max_body_bytes,
         })
+    }
+
+    /// Which part of a request to `upstream` that could not be built is at fault, if any
+    /// (else it is a bug): the base URL, the key, the organization or the project.
+    pub fn unsendable_part(
+        req: &ForwardRequest,
+        upstream: &UpstreamSpec,
+        api_key: &str,
+    ) -> Option<UnsendablePart> {
+        let header_ok = |v: &str| HeaderValue::from_str(v).is_ok();
+        let (_, auth) = upstream.kind.auth_header(api_key);
+        if reqwest::Url::parse(&format!("{}{}", upstream.base_url, req.path)).is_err() {
+            Some(UnsendablePart::BaseUrl)
+        } else if !header_ok(&auth) {
+            Some(UnsendablePart::Key)
+        } else if !upstream.organization.as_deref().is_none_or(header_ok) {
+            Some(UnsendablePart::Organization)
+        } else if !upstream.project.as_deref().is_none_or(header_ok) {
+            Some(UnsendablePart::Project)
+        } else {
+            None
+        }
     }
 
     /// The request for one attempt to `upstream` with its key (`Authorization: Bearer` for
@@ -261,7 +293,10 @@ async fn read_capped(
 fn failed(e: reqwest::Error, reading_body: bool) -> AttemptOutcome {
     // A connect timeout (CONNECT_TIMEOUT_MS) is a connect error, not the attempt's timeout:
     // reqwest flags it as both, and it leaves the rest of the budget for further attempts.
-    let kind = if e.is_connect() {
+    // A request that cannot be built fails the same way every time: final, never sent.
+    let kind = if e.is_builder() {
+        FailureKind::Unsendable
+    } else if e.is_connect() {
         FailureKind::Connect
     } else if e.is_timeout() {
         FailureKind::Timeout

@@ -18,7 +18,7 @@ use tracing::Instrument;
 
 use crate::auth;
 use crate::budget::{Budget, DeadlineSettings, GatewayKind};
-use crate::config::{self, ConfigError, DEFAULT_UPSTREAM, Settings};
+use crate::config::{self, ConfigError, DEFAULT_UPSTREAM, KeySource, Settings};
 use crate::retry::{
     AttemptOutcome, AttemptRecord, Decision, FailureKind, GiveUpReason, RetryRun, RunOutcome,
     UpstreamReply, epoch_ms,
@@ -27,10 +27,10 @@ use crate::secrets::Secrets;
 use crate::stream::StreamOutcome;
 use crate::telemetry::logs;
 use crate::telemetry::metrics::{InvocationMetrics, MetricsSink};
-use crate::upstream::{ForwardRequest, LiveStream, UpstreamClient};
+use crate::upstream::{ForwardRequest, LiveStream, UnsendablePart, UpstreamClient};
 use crate::upstreams::breaker::Breakers;
 use crate::upstreams::latency::LatencyBook;
-use crate::upstreams::{MAX_UPSTREAMS, UpstreamsSource};
+use crate::upstreams::{MAX_UPSTREAMS, UpstreamSpec, UpstreamsSource};
 use render::render;
 use request::{BodyError, Front, GatewayEvent};
 use response::{ErrorCode, LAMBDA_RESPONSE_LIMIT, ProxyResponse, UpstreamSummary, seconds};
@@ -81,7 +81,7 @@ enum Outcome {
     Rejected,
     ConfigError,
     Health,
-    /// The handler panicked (a bug): answered 500 `internal_error`.
+    /// A bug (the handler panicked, or a request it could not build): 500 `internal_error`.
     InternalError,
 }
 
@@ -567,11 +567,54 @@ impl Proxy {
             stream,
             live: summary.may_stream.then(|| std::sync::Mutex::new(None)),
         };
-        let run = self.call_upstream(ready, &routed, keys, budget).await;
+        let run = self
+            .call_upstream(ready, &routed, keys.clone(), budget)
+            .await;
         if matches!(&run.outcome, RunOutcome::Answer(r) if (200..300).contains(&r.status)) {
             summary.live = routed.take_live();
         }
+        if let RunOutcome::Unsendable { detail } = &run.outcome {
+            tracing::error!(detail, "the request to the upstream could not be built");
+            let culprit = run.attempts.last().and_then(|a| {
+                let i = a.target.upstream;
+                let (spec, key) = (list.get(i)?, keys.get(i)?);
+                Some((spec, UpstreamClient::unsendable_part(&forward, spec, key)?))
+            });
+            if let Some((spec, part)) = culprit {
+                let setting = unsendable_setting(settings, spec, part);
+                let problem = "holds a value that cannot be sent in an HTTP request";
+                return config_error(summary, id, &setting, problem);
+            }
+        }
         respond(run, &routed, id, budget, summary)
+    }
+}
+
+/// The setting that holds the part of a request that could not be built (nothing was sent or
+/// retried): the §7 setting for the default upstream, else the upstream's field in `UPSTREAMS`.
+fn unsendable_setting(settings: &Settings, spec: &UpstreamSpec, part: UnsendablePart) -> String {
+    let field = match (part, &spec.key) {
+        (UnsendablePart::BaseUrl, _) => "base_url",
+        (UnsendablePart::Key, KeySource::SecretArn(_)) => "api_key_secret_arn",
+        (UnsendablePart::Key, KeySource::Env(_)) => "api_key",
+        (UnsendablePart::Organization, _) => "organization",
+        (UnsendablePart::Project, _) => "project",
+    };
+    match &settings.upstreams {
+        UpstreamsSource::List(l) if l.len() == 1 && l[0].name == DEFAULT_UPSTREAM => {
+            match (part, &spec.key) {
+                (UnsendablePart::BaseUrl, _) => "OPENAI_BASE_URL",
+                (UnsendablePart::Key, KeySource::SecretArn(_)) => "OPENAI_API_KEY_SECRET_ARN",
+                (UnsendablePart::Key, KeySource::Env(_)) => "OPENAI_API_KEY",
+                (UnsendablePart::Organization, _) => "OPENAI_ORGANIZATION",
+                (UnsendablePart::Project, _) => "OPENAI_PROJECT",
+            }
+            .to_owned()
+        }
+        UpstreamsSource::List(_) => format!("UPSTREAMS (upstream `{}`, `{field}`)", spec.name),
+        UpstreamsSource::SecretArn(_) => {
+            format!("UPSTREAMS_SECRET_ARN (upstream `{}`, `{field}`)", spec.name)
+        }
     }
 }
 
@@ -687,6 +730,19 @@ fn respond(
                 AttemptOutcome::Failed { .. } => None,
             };
             (resp, reply)
+        }
+        RunOutcome::Unsendable { .. } => {
+            // Nothing reached the upstream: no attempt to count or report.
+            summary.attempts.clear();
+            summary.code = Some(ErrorCode::InternalError);
+            summary.outcome = Outcome::InternalError;
+            let resp = ProxyResponse::error(
+                ErrorCode::InternalError,
+                "The proxy could not build the request to OpenAI. This is a bug in the proxy, not in your request.",
+                None,
+                id,
+            );
+            (resp, None)
         }
         RunOutcome::NoTimeToStart { remaining_ms } => {
             let code = ErrorCode::UpstreamTimeout;
@@ -927,6 +983,8 @@ fn log_finished(
                 elapsed_ms,
                 budget_ms = budget.budget_ms,
                 json.upstream_request_ids = %json!(ids),
+                json.upstream = %json!(resp.header("x-proxy-upstream")),
+                fallbacks = s.switches,
                 cold_start,
                 streamed = stream.is_some(),
                 json.first_byte_ms = %json!(first_byte_ms),

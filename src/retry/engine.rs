@@ -123,6 +123,8 @@ pub enum RunOutcome {
     NoTimeToStart { remaining_ms: u64 },
     /// Every upstream's breaker was open before the first attempt: nothing was called.
     CircuitOpen { retry_after_ms: u64 },
+    /// The request could not be built ([`FailureKind::Unsendable`]): nothing was sent.
+    Unsendable { detail: String },
 }
 
 /// What follows an attempt.
@@ -332,12 +334,8 @@ impl Engine {
                 Next::Done => {
                     run.outcome = match outcome {
                         AttemptOutcome::Reply(reply) => RunOutcome::Answer(reply),
-                        // Transport failures are always retryable: they end in a retry or a give-up.
-                        last => RunOutcome::GaveUp {
-                            reason: GiveUpReason::DeadlineReached,
-                            last,
-                            retry_after_ms: None,
-                        },
+                        // The only final failure: the request could not be built.
+                        AttemptOutcome::Failed { detail, .. } => RunOutcome::Unsendable { detail },
                     };
                 }
             }
@@ -751,6 +749,19 @@ mod tests {
         assert_eq!(run.attempts.len(), 4);
         assert_eq!(run.attempts[0].error_kind, Some(FailureKind::Connect));
         assert!(matches!(run.outcome, RunOutcome::Answer(_)));
+    }
+
+    #[test]
+    fn a_request_that_cannot_be_built_is_final() {
+        let mut f = Fixture::new(engine());
+        let run = f.run(
+            30_000,
+            vec![Step::Fail(FailureKind::Unsendable, 0), status(200, 5)],
+        );
+        assert_eq!(run.attempts.len(), 1);
+        assert_eq!(run.attempts[0].decision, Decision::Done);
+        assert!(matches!(run.outcome, RunOutcome::Unsendable { .. }));
+        assert!(f.sleeps.is_empty());
     }
 
     #[test]
