@@ -629,3 +629,62 @@ async fn secrets_manager_down_or_hanging_is_a_quick_config_error_within_the_dead
     }
     assert!(sim.requests().is_empty());
 }
+
+/// §11: the upstream list from `UPSTREAMS_SECRET_ARN`, with one entry's key inline and the
+/// other's named by `api_key_secret_arn`; each upstream gets its own key, none is logged, and
+/// a malformed list is a `config_error` naming the setting, never echoing the secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_list_and_its_keys_come_from_secrets() {
+    let (inline_key, named_key, token) = (
+        "sk-moto-inline-upstream-01",
+        "sk-moto-named-upstream-002",
+        "tok-moto-upstreams-000001",
+    );
+    let _logs = logs::check(&[inline_key, named_key, token]);
+    let moto = moto().await;
+    let sm = secrets_client(&moto.endpoint()).await;
+    let (primary, backup) = (simulator().await, simulator().await);
+    primary.set_script(parse_script("503,503").unwrap());
+    let named_arn = create_secret(&sm, "backup-key", named_key).await;
+    let list = serde_json::json!([
+        {"name": "primary", "base_url": primary.base_url(), "api_key": inline_key},
+        {"name": "backup", "base_url": backup.base_url(), "api_key_secret_arn": named_arn},
+    ])
+    .to_string();
+    let list_arn = create_secret(&sm, "upstreams", &list).await;
+    let p = support::events::proxy(
+        &[
+            ("UPSTREAMS_SECRET_ARN", list_arn.as_str()),
+            ("PROXY_API_KEYS", token),
+            ("RETRY_BASE_DELAY_MS", "50"),
+        ],
+        Some(sm.clone()),
+    );
+    let (resp, _) = invoke(&p, chat(token)).await;
+    assert_eq!(status(&resp), 200, "{resp}");
+    assert_eq!(header(&resp, "x-proxy-upstream"), Some("backup"));
+    assert_eq!(
+        bearer_seen(&primary),
+        [bearer(inline_key), bearer(inline_key)]
+    );
+    assert_eq!(bearer_seen(&backup), [bearer(named_key)]);
+
+    // A malformed list in the secret: config_error naming UPSTREAMS_SECRET_ARN, no value.
+    let broken = create_secret(
+        &sm,
+        "upstreams-broken",
+        r#"[{"name": "x", "api_key": "sk-moto-broken-value-01"}]"#,
+    )
+    .await;
+    let p = support::events::proxy(
+        &[
+            ("UPSTREAMS_SECRET_ARN", broken.as_str()),
+            ("PROXY_API_KEYS", token),
+        ],
+        Some(sm),
+    );
+    let (resp, _) = invoke(&p, chat(token)).await;
+    let msg = assert_error_naming(&resp, 500, "config_error", "UPSTREAMS_SECRET_ARN");
+    assert!(msg.contains("base_url"), "{msg}");
+    assert!(!resp.to_string().contains("sk-moto-broken"), "{resp}");
+}
