@@ -31,7 +31,7 @@ use crate::upstream::{ForwardRequest, LiveStream, UnsendablePart, UpstreamClient
 use crate::upstreams::breaker::Breakers;
 use crate::upstreams::latency::LatencyBook;
 use crate::upstreams::{MAX_UPSTREAMS, UpstreamSpec, UpstreamsSource};
-use request::{BodyError, GatewayEvent};
+use request::{BodyError, EventBody, GatewayEvent};
 use response::{ErrorCode, LAMBDA_RESPONSE_LIMIT, ProxyResponse, UpstreamSummary, seconds};
 use routes::RouteKind;
 
@@ -180,10 +180,12 @@ impl Proxy {
     /// line and one metrics record.
     pub async fn handle_event(self: &Arc<Self>, event: Value, invocation: Invocation) -> Value {
         let (span, ending) = self.begin(&invocation);
-        let parsed = GatewayEvent::parse(&event).map(|e| (e.kind, e.start_ms, e.path.clone()));
+        // Parsed once; the body moves from the event to the upstream request without a copy.
+        let event = GatewayEvent::from_value(event);
+        let parsed = event.as_ref().map(|e| (e.kind, e.start_ms, e.path.clone()));
         let (proxy, inv, end) = (self.clone(), invocation.clone(), ending.clone());
         let task = tokio::spawn(
-            async move { proxy.handle(&event, &inv, &end).await }.instrument(span.clone()),
+            async move { proxy.handle(event, &inv, &end).await }.instrument(span.clone()),
         );
         let e = match task.await {
             Ok(v) => return v,
@@ -249,7 +251,12 @@ impl Proxy {
     }
 
     /// Answers one event (no panic guard; see [`Proxy::handle_event`]).
-    async fn handle(&self, event: &Value, invocation: &Invocation, ending: &Ending) -> Value {
+    async fn handle(
+        &self,
+        event: Option<GatewayEvent>,
+        invocation: &Invocation,
+        ending: &Ending,
+    ) -> Value {
         let done = self.answer(event, invocation, ending, false).await;
         let (id, summary, budget) = (&done.request_id, &done.summary, &done.budget);
         self.finish(id, summary, &done.resp, budget, ending, None);
@@ -261,13 +268,12 @@ impl Proxy {
     /// headers).
     async fn answer(
         &self,
-        event: &Value,
+        parsed: Option<GatewayEvent>,
         invocation: &Invocation,
         ending: &Ending,
         may_stream: bool,
     ) -> Answered {
         let id = invocation.request_id.as_str();
-        let parsed = GatewayEvent::parse(event);
         let gateway = parsed.as_ref().map(|e| (e.kind, e.start_ms));
         let budget = self.budget(invocation, gateway, ending.started);
         self.warn_about_emulators(&budget, invocation);
@@ -284,8 +290,12 @@ impl Proxy {
             may_stream,
             live: None,
         };
-        let resp = match &parsed {
-            Some(ev) => self.serve(ev, id, &budget, &mut summary).await,
+        let kind = parsed.as_ref().map(|e| e.kind);
+        let resp = match parsed {
+            Some(mut ev) => {
+                let body = ev.take_body();
+                self.serve(&ev, body, id, &budget, &mut summary).await
+            }
             None => {
                 summary.code = Some(ErrorCode::InvalidRequest);
                 ProxyResponse::error(
@@ -297,7 +307,7 @@ impl Proxy {
             }
         };
         Answered {
-            kind: parsed.map(|e| e.kind),
+            kind,
             resp: finish_headers(resp, id),
             summary,
             budget,
@@ -372,6 +382,7 @@ impl Proxy {
     async fn serve(
         &self,
         ev: &GatewayEvent,
+        body: EventBody,
         id: &str,
         budget: &Budget,
         summary: &mut Summary,
@@ -433,7 +444,7 @@ impl Proxy {
             },
         }
 
-        let body = match ev.body_bytes(settings.max_body_bytes) {
+        let body = match body.decode(settings.max_body_bytes) {
             Ok(b) => b,
             Err(BodyError::TooLarge) => {
                 let message = format!(
@@ -664,16 +675,17 @@ fn respond(
                 Some(reply),
             )
         }
-        RunOutcome::Answer(reply) => {
+        RunOutcome::Answer(mut reply) => {
             summary.outcome = if (200..300).contains(&reply.status) {
                 Outcome::Success
             } else {
                 Outcome::UpstreamError
             };
+            // Moved, not shared: the response then owns the only reference (see `render`).
             let mut resp = ProxyResponse {
                 status: reply.status,
                 headers: Vec::new(),
-                body: reply.body.clone(),
+                body: std::mem::take(&mut reply.body),
             };
             if let Some(ct) = reply.header("content-type") {
                 resp.set_header("content-type", ct);
@@ -901,10 +913,12 @@ fn finish_headers(mut resp: ProxyResponse, id: &str) -> ProxyResponse {
 /// Shapes the response for the gateway that sent the event (HTTP API v2 / function URL format
 /// for anything not REST v1).
 fn render(kind: Option<GatewayKind>, resp: ProxyResponse) -> Value {
-    let (body, is_base64) = match std::str::from_utf8(&resp.body) {
-        Ok(s) => (s.to_owned(), false),
-        Err(_) => (
-            base64::engine::general_purpose::STANDARD.encode(&resp.body),
+    // The body's own allocation becomes the JSON string when it is UTF-8 (no copy); `json!`
+    // would serialize (copy) it, so the object is built by hand.
+    let (body, is_base64) = match String::from_utf8(Vec::from(resp.body)) {
+        Ok(text) => (text, false),
+        Err(e) => (
+            base64::engine::general_purpose::STANDARD.encode(e.as_bytes()),
             true,
         ),
     };
@@ -913,15 +927,15 @@ fn render(kind: Option<GatewayKind>, resp: ProxyResponse) -> Value {
         .into_iter()
         .map(|(k, v)| (k, Value::String(v)))
         .collect();
-    match kind {
-        Some(GatewayKind::RestV1) => json!({
-            "statusCode": resp.status, "headers": headers, "body": body, "isBase64Encoded": is_base64,
-        }),
-        _ => json!({
-            "statusCode": resp.status, "headers": headers, "body": body, "isBase64Encoded": is_base64,
-            "cookies": [],
-        }),
+    let mut out = serde_json::Map::new();
+    out.insert("statusCode".into(), resp.status.into());
+    out.insert("headers".into(), Value::Object(headers));
+    out.insert("body".into(), Value::String(body));
+    out.insert("isBase64Encoded".into(), is_base64.into());
+    if kind != Some(GatewayKind::RestV1) {
+        out.insert("cookies".into(), Value::Array(Vec::new()));
     }
+    Value::Object(out)
 }
 
 /// Whether a client header value can be forwarded (what `http::HeaderValue` accepts).
@@ -1022,4 +1036,45 @@ fn json_error(e: &serde_json::Error) -> String {
         serde_json::error::Category::Io => "read error",
     };
     format!("{what} at line {} column {}", e.line(), e.column())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rendering_moves_a_utf8_body_into_the_payload_and_base64s_the_rest() {
+        let text = r#"{"object":"list","data":[]}"#.repeat(1000).into_bytes();
+        let at = text.as_ptr();
+        let resp = ProxyResponse {
+            status: 200,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: Bytes::from(text),
+        };
+        let v = render(Some(GatewayKind::HttpApiV2), resp);
+        assert_eq!(
+            v["body"].as_str().unwrap().as_ptr(),
+            at,
+            "no copy of the body"
+        );
+        assert_eq!(
+            (&v["statusCode"], &v["isBase64Encoded"], &v["cookies"]),
+            (&json!(200), &json!(false), &json!([]))
+        );
+        assert_eq!(v["headers"]["content-type"], "application/json");
+        let binary = ProxyResponse {
+            status: 200,
+            headers: Vec::new(),
+            body: Bytes::from_static(&[0xff, 0x00, 0x01]),
+        };
+        let v = render(Some(GatewayKind::RestV1), binary);
+        assert_eq!(
+            (&v["body"], &v["isBase64Encoded"]),
+            (&json!("/wAB"), &json!(true))
+        );
+        assert!(
+            v.get("cookies").is_none(),
+            "REST answers have no cookies field"
+        );
+    }
 }
