@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark driver for openai-lambda-proxy (`make bench` → bench/run.sh → here).
 
-Everything runs in one asyncio loop: a Lambda Runtime API + Extensions API emulator per function
-process, the API Gateway model (30 s integration timeout), and a raw keep-alive HTTP/1.1 client
+Everything runs in one asyncio loop: a Lambda Runtime API + Extensions API emulator
+(tools/lambda_emulator.py) per function process, the API Gateway model (30 s integration timeout), and a raw keep-alive HTTP/1.1 client
 for the direct-to-simulator baseline. Each figure is measured against its baseline in the same
 run, measured the same way (same loop, same clock, same kind of "one HTTP message out, one in"
 window), interleaved round-robin so drift hits both sides alike.
@@ -24,11 +24,11 @@ import subprocess
 import sys
 import time
 import tomllib
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
+from lambda_emulator import RuntimeEmulator, epoch_ms, now_ns, read_message  # noqa: E402
 from local_stack import stop_process  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
@@ -45,14 +45,6 @@ CERTFILE_ONLY = {"SSL_CERT_DIR": "/nonexistent",
 NO_ROOTS = {"SSL_CERT_DIR": "/nonexistent"}
 
 
-def now_ns():
-    return time.perf_counter_ns()
-
-
-def epoch_ms():
-    return int(time.time() * 1000)
-
-
 def pct(xs, p):
     """Percentile with linear interpolation between closest ranks."""
     s = sorted(xs)
@@ -66,220 +58,6 @@ def pct(xs, p):
 
 def median(xs):
     return pct(xs, 50)
-
-
-# ------------------------------------------------------------------------------------------------
-# Minimal HTTP/1.1 message reading (both directions)
-
-
-async def read_message(reader):
-    line = await reader.readline()
-    if not line:
-        raise EOFError
-    start = line.decode("latin-1").rstrip("\r\n")
-    headers = {}
-    while True:
-        h = await reader.readline()
-        if h in (b"\r\n", b"\n", b""):
-            break
-        k, _, v = h.decode("latin-1").partition(":")
-        headers[k.strip().lower()] = v.strip()
-    if "content-length" in headers:
-        body = await reader.readexactly(int(headers["content-length"]))
-    elif headers.get("transfer-encoding", "").lower() == "chunked":
-        parts = []
-        while True:
-            size = int((await reader.readline()).split(b";")[0].strip() or b"0", 16)
-            if size == 0:
-                while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-                    pass
-                break
-            parts.append(await reader.readexactly(size))
-            await reader.readexactly(2)
-        body = b"".join(parts)
-    else:
-        body = b""
-    return start, headers, body
-
-
-def http_response(status, reason, body=b"", headers=()):
-    head = [f"HTTP/1.1 {status} {reason}", f"Content-Length: {len(body)}"]
-    head += [f"{k}: {v}" for k, v in headers]
-    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
-
-
-# ------------------------------------------------------------------------------------------------
-# Lambda Runtime API + Extensions API emulator
-
-
-class Invocation:
-    def __init__(self, event: bytes, deadline_ms: int):
-        self.request_id = str(uuid.uuid4())
-        self.event = event
-        self.deadline_ms = deadline_ms
-        self.t_queued = now_ns()
-        self.t_delivered = None  # event written to the runtime's pending /next
-        self.t_answered = None  # /response (or /error) fully read
-        self.done = asyncio.get_running_loop().create_future()  # ("response"|"error", bytes)
-
-    def round_trip_ns(self):
-        return self.t_answered - self.t_delivered
-
-
-class Extension:
-    def __init__(self, name, events):
-        self.id = str(uuid.uuid4())
-        self.name = name
-        self.events = events
-        self.queue = asyncio.Queue()
-        self.idle = asyncio.Event()  # an /event/next call is outstanding
-
-
-class RuntimeEmulator:
-    """One execution environment's Runtime API (2018-06-01) and Extensions API (2020-01-01)."""
-
-    ARN = "arn:aws:lambda:us-east-1:123456789012:function:openai-lambda-proxy-bench"
-
-    def __init__(self, function_name="openai-lambda-proxy-bench"):
-        self.function_name = function_name
-        self.pending = asyncio.Queue()
-        self.inflight = {}
-        self.extensions = {}
-        self.first_next_ns = None
-        self.first_next = asyncio.Event()
-        self.init_error = None
-        self.tasks = set()  # the writers of open connections
-        self.closing = False
-        self.server = None
-        self.port = None
-
-    async def start(self):
-        self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def close(self):
-        """Wake every parked long poll with None and drop every connection; no task is cancelled."""
-        self.closing = True
-        if self.server:
-            self.server.close()
-        for _ in range(len(self.tasks) + 1):
-            self.pending.put_nowait(None)
-        for e in self.extensions.values():
-            e.queue.put_nowait(None)
-        for w in list(self.tasks):
-            w.transport.abort()
-        for _ in range(50):
-            if not self.tasks:
-                break
-            await asyncio.sleep(0.01)
-
-    async def _conn(self, reader, writer):
-        self.tasks.add(writer)
-        try:
-            while not self.closing:
-                start, headers, body = await read_message(reader)
-                t = now_ns()
-                method, path = start.split(" ")[:2]
-                await self._route(method, path, headers, body, writer, t)
-        except (EOFError, ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            self.tasks.discard(writer)
-            writer.close()
-
-    async def _route(self, method, path, headers, body, writer, t):
-        p = path.split("?")[0]
-        if method == "GET" and p == "/2018-06-01/runtime/invocation/next":
-            if self.first_next_ns is None:
-                self.first_next_ns = t
-                self.first_next.set()
-            inv = await self.pending.get()
-            if inv is None:
-                raise EOFError
-            self.inflight[inv.request_id] = inv
-            msg = http_response(200, "OK", inv.event, [
-                ("Content-Type", "application/json"),
-                ("Lambda-Runtime-Aws-Request-Id", inv.request_id),
-                ("Lambda-Runtime-Deadline-Ms", str(inv.deadline_ms)),
-                ("Lambda-Runtime-Invoked-Function-Arn", self.ARN),
-                ("Lambda-Runtime-Trace-Id", "Root=1-00000000-000000000000000000000000;Parent=0000000000000000;Sampled=0"),
-            ])
-            inv.t_delivered = now_ns()
-            writer.write(msg)
-            await writer.drain()
-        elif method == "POST" and p.startswith("/2018-06-01/runtime/invocation/"):
-            parts = p.split("/")  # ['', '2018-06-01', 'runtime', 'invocation', id, kind]
-            inv = self.inflight.pop(parts[4], None)
-            if inv is not None and not inv.done.done():
-                inv.t_answered = t
-                inv.done.set_result((parts[5], body))
-            writer.write(http_response(202, "Accepted", b'{"status":"OK"}', [("Content-Type", "application/json")]))
-            await writer.drain()
-        elif method == "POST" and p == "/2018-06-01/runtime/init/error":
-            self.init_error = body
-            writer.write(http_response(202, "Accepted", b'{"status":"OK"}'))
-            await writer.drain()
-        elif method == "POST" and p == "/2020-01-01/extension/register":
-            try:
-                events = json.loads(body or b"{}").get("events", [])
-            except ValueError:
-                events = []
-            ext = Extension(headers.get("lambda-extension-name", "?"), events)
-            self.extensions[ext.id] = ext
-            out = json.dumps({"functionName": self.function_name, "functionVersion": "$LATEST",
-                              "handler": "bootstrap", "accountId": "123456789012"}).encode()
-            writer.write(http_response(200, "OK", out, [("Content-Type", "application/json"),
-                                                         ("Lambda-Extension-Identifier", ext.id)]))
-            await writer.drain()
-        elif method == "GET" and p == "/2020-01-01/extension/event/next":
-            ext = self.extensions.get(headers.get("lambda-extension-identifier", ""))
-            if ext is None:
-                writer.write(http_response(403, "Forbidden", b'{"errorMessage":"unknown extension","errorType":"Extension.Unknown"}'))
-                await writer.drain()
-                return
-            ext.idle.set()
-            ev = await ext.queue.get()
-            if ev is None:
-                raise EOFError
-            ext.idle.clear()
-            writer.write(http_response(200, "OK", json.dumps(ev).encode(), [
-                ("Content-Type", "application/json"),
-                ("Lambda-Extension-Event-Identifier", str(uuid.uuid4()))]))
-            await writer.drain()
-        elif method == "POST" and p.startswith("/2020-01-01/extension/"):  # init/error, exit/error
-            writer.write(http_response(202, "Accepted", b'{"status":"OK"}'))
-            await writer.drain()
-        elif method == "PUT" and p in ("/2022-07-01/telemetry", "/2020-08-15/logs"):
-            writer.write(http_response(200, "OK", b"OK"))
-            await writer.drain()
-        else:
-            writer.write(http_response(404, "Not Found", b'{"errorMessage":"not found"}'))
-            await writer.drain()
-
-    def _subscribed(self, kind):
-        return [e for e in self.extensions.values() if kind in e.events]
-
-    async def extensions_idle(self, timeout=5.0):
-        """Like Lambda: the environment is free once every INVOKE extension called event/next."""
-        exts = self._subscribed("INVOKE")
-        if exts:
-            await asyncio.wait_for(asyncio.gather(*(e.idle.wait() for e in exts)), timeout)
-
-    async def invoke(self, event: bytes, deadline_ms: int) -> Invocation:
-        await self.extensions_idle()
-        inv = Invocation(event, deadline_ms)
-        for e in self._subscribed("INVOKE"):
-            e.idle.clear()
-            e.queue.put_nowait({"eventType": "INVOKE", "deadlineMs": deadline_ms, "requestId": inv.request_id,
-                                "invokedFunctionArn": self.ARN,
-                                "tracing": {"type": "X-Amzn-Trace-Id", "value": "Root=1-00000000-000000000000000000000000"}})
-        self.pending.put_nowait(inv)
-        return inv
-
-    def shutdown_extensions(self):
-        for e in self._subscribed("SHUTDOWN"):
-            e.queue.put_nowait({"eventType": "SHUTDOWN", "shutdownReason": "spindown",
-                                "deadlineMs": epoch_ms() + 2000})
 
 
 # ------------------------------------------------------------------------------------------------
