@@ -4,7 +4,7 @@
 use std::error::Error as _;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use reqwest::{Method, redirect};
 
 use crate::retry::{AttemptOutcome, FailureKind, UpstreamReply};
@@ -23,6 +23,8 @@ const KEPT_HEADERS: [&str; 6] = [
 pub struct UpstreamClient {
     http: reqwest::Client,
     base_url: String,
+    /// No answer body is read past this many bytes (Lambda's response limit).
+    max_body_bytes: usize,
 }
 
 /// One request to forward (spec §2: only these headers go upstream).
@@ -40,7 +42,12 @@ pub struct ForwardRequest {
 }
 
 impl UpstreamClient {
-    pub fn new(base_url: &str, connect_timeout_ms: u64) -> Result<UpstreamClient, reqwest::Error> {
+    /// `max_body_bytes`: an answer body longer than this is not read (see [`UpstreamReply::oversized`]).
+    pub fn new(
+        base_url: &str,
+        connect_timeout_ms: u64,
+        max_body_bytes: usize,
+    ) -> Result<UpstreamClient, reqwest::Error> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(connect_timeout_ms))
             // Never follow redirects: the server's key must not travel to another host.
@@ -52,6 +59,7 @@ impl UpstreamClient {
         Ok(UpstreamClient {
             http,
             base_url: base_url.trim_end_matches('/').to_owned(),
+            max_body_bytes,
         })
     }
 
@@ -87,7 +95,7 @@ impl UpstreamClient {
             }
         }
         // The outer timeout bounds the whole exchange, including reading the body.
-        match tokio::time::timeout(timeout, exchange(builder)).await {
+        match tokio::time::timeout(timeout, exchange(builder, self.max_body_bytes)).await {
             Ok(outcome) => outcome,
             Err(_) => AttemptOutcome::Failed {
                 kind: FailureKind::Timeout,
@@ -97,7 +105,7 @@ impl UpstreamClient {
     }
 }
 
-async fn exchange(builder: reqwest::RequestBuilder) -> AttemptOutcome {
+async fn exchange(builder: reqwest::RequestBuilder, max_body_bytes: usize) -> AttemptOutcome {
     let response = match builder.send().await {
         Ok(r) => r,
         Err(e) => return failed(e, false),
@@ -113,14 +121,35 @@ async fn exchange(builder: reqwest::RequestBuilder) -> AttemptOutcome {
         .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
         .collect();
     // Buffered: a stream that breaks mid-way is a failed attempt the caller never saw.
-    match response.bytes().await {
+    match read_capped(response, max_body_bytes).await {
         Ok(body) => AttemptOutcome::Reply(UpstreamReply {
             status,
             headers,
-            body,
+            oversized: body.is_none(),
+            body: body.unwrap_or_default(),
         }),
         Err(e) => failed(e, true),
     }
+}
+
+/// The whole body, or `None` as soon as it is known to exceed `max` bytes: then nothing more is
+/// read and the connection is dropped, so memory stays bounded whatever the upstream sends.
+async fn read_capped(
+    mut response: reqwest::Response,
+    max: usize,
+) -> Result<Option<Bytes>, reqwest::Error> {
+    let announced = response.content_length().unwrap_or(0);
+    if announced > max as u64 {
+        return Ok(None);
+    }
+    let mut body = BytesMut::with_capacity(announced as usize);
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > max {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body.freeze()))
 }
 
 fn failed(e: reqwest::Error, reading_body: bool) -> AttemptOutcome {

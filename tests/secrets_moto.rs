@@ -250,6 +250,54 @@ async fn an_upstream_401_refetches_the_key_once_and_retries_with_the_rotated_one
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_after_a_key_refresh_spends_from_the_same_attempts() {
+    let (old_key, new_key) = ("sk-moto-spend-old-00000001", "sk-moto-spend-new-00000002");
+    let token = "tok-moto-spend-000000000001";
+    let _logs = logs::check(&[old_key, new_key, token]);
+    let moto = moto().await;
+    let sm = secrets_client(&moto.endpoint()).await;
+    let sim = simulator().await;
+    let key_arn = create_secret(&sm, "spending-key", old_key).await;
+    let settings = |attempts: &'static str| {
+        proxy_for(
+            &sim,
+            &[
+                ("OPENAI_API_KEY_SECRET_ARN", key_arn.as_str()),
+                ("PROXY_API_KEYS", token),
+                ("RETRY_MAX_ATTEMPTS", attempts),
+                ("RETRY_BASE_DELAY_MS", "50"),
+            ],
+            Some(sm.clone()),
+        )
+    };
+    // Three attempts in all: a 503, the 401, then one with the new key (a 503 again).
+    let p = settings("3");
+    assert_eq!(status(&invoke(&p, chat(token)).await.0), 200);
+    put_secret_value(&sm, &key_arn, new_key).await;
+    sim.clear_requests();
+    sim.set_script(parse_script("503,401,503,503,503,ok").unwrap());
+    let (resp, _) = invoke(&p, chat(token)).await;
+    assert_error(&resp, 502, "upstream_unavailable");
+    assert_eq!(header(&resp, "x-upstream-attempts"), Some("3"));
+    let (old, new) = (bearer(old_key), bearer(new_key));
+    assert_eq!(bearer_seen(&sim), [old.clone(), old.clone(), new.clone()]);
+
+    // One attempt in all: the 401 used it; the new key is fetched for the next request only.
+    put_secret_value(&sm, &key_arn, old_key).await;
+    let p = settings("1");
+    sim.clear_requests();
+    sim.set_script(parse_script("ok").unwrap());
+    assert_eq!(status(&invoke(&p, chat(token)).await.0), 200);
+    put_secret_value(&sm, &key_arn, new_key).await;
+    sim.set_script(parse_script("401,ok").unwrap());
+    let (resp, _) = invoke(&p, chat(token)).await;
+    assert_error(&resp, 502, "upstream_auth_failed");
+    assert_eq!(header(&resp, "x-upstream-attempts"), Some("1"));
+    assert_eq!(status(&invoke(&p, chat(token)).await.0), 200);
+    assert_eq!(bearer_seen(&sim), [old.clone(), old, new]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_or_unusable_secrets_are_config_errors_naming_the_setting() {
     let values = [
         "sk-moto-good-key-0000000001",

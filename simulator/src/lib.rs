@@ -37,6 +37,7 @@
 //!          / "reset"                  ; read the request, close with RST before any byte
 //!          / "cut"                    ; 200 head with the full Content-Length, half the body, FIN
 //!          / "stream-cut"             ; SSE head + the first events only, FIN (= cut if not streaming)
+//!          / "big=" size              ; 200 like ok, grown to at least <size> bytes (k/m suffixes; see below)
 //!          / "stream" *( ":" smod )   ; a live SSE stream (= ok if not streaming), see below
 //! modifier = "delay=" ms              ; ok/status: wait before answering
 //!          / "ra=" secs               ; status: retry-after: <secs>
@@ -58,10 +59,15 @@
 //! Aliases: `retry-after=`, `retry-after-ms=`, `retry-after-date=`, `should-retry=`,
 //! `stream_cut`. `ra` and `ra-date` together send two `retry-after` headers. Unknown heads or
 //! modifiers, statuses outside 400..=599, `quota` on anything but 429 and modifiers on
-//! `hang`/`reset`/`cut`/`stream-cut` are rejected with a message.
+//! `hang`/`reset`/`cut`/`stream-cut`/`big` are rejected with a message.
+//!
+//! `big=<bytes>` answers 200 like `ok`, with a body of at least `bytes` bytes (and its
+//! `content-length`): on `/v1/embeddings` (not streamed) a list of as many 1536-dimension float
+//! embeddings as it takes, as a request with many inputs would get; on any other route the usual
+//! answer followed by trailing newlines (still valid JSON or SSE).
 //!
 //! Examples: `500,500,ok` · `429:ra=2,ok` · `503:ra-ms=250:retry=true,ok` · `429:quota` ·
-//! `delay=1500` · `500:delay=200+ra=1` · `reset,cut,stream-cut,hang`.
+//! `delay=1500` · `500:delay=200+ra=1` · `reset,cut,stream-cut,hang` · `big=7500000`.
 //!
 //! Error bodies follow OpenAI: `{"error":{"message":…,"type":…,"param":null,"code":…}}`, with
 //! type `server_error` for 5xx (500's message names the request id), `invalid_request_error` for
@@ -85,6 +91,7 @@
 //! {"kind":"error","status":429,"retry_after_secs":2,"retry_after_ms":2000,
 //!  "retry_after_date_secs":2,"should_retry":true,"quota":false,"delay_ms":0}
 //! {"kind":"hang"}  {"kind":"reset"}  {"kind":"cut"}  {"kind":"stream_cut"}
+//! {"kind":"big","bytes":7500000}
 //! {"kind":"stream","delay_ms":0,"gap_ms":200,"stall_after":2,"cut_after":3,"bytes":52428800}
 //! ```
 //!
@@ -535,6 +542,10 @@ async fn api(
 
     let answer: RouteAnswer = match &step {
         Step::Error(e) => routes::error_answer(e, &routes::model_of(&req.body), &request_id),
+        Step::Big { bytes } => {
+            let ok = routes::route(&req.method, req.path(), &req.body, &ctx);
+            routes::grow(ok, req.path(), *bytes as usize)
+        }
         _ => routes::route(&req.method, req.path(), &req.body, &ctx),
     };
     let cutting = matches!(step, Step::Cut | Step::StreamCut);

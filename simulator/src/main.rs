@@ -14,7 +14,7 @@ const USAGE: &str = "usage: openai-simulator [--port N] [--host IP] [--script \"
 
 Script steps (comma separated): ok | delay=<ms> | <status>[:ra=<s>][:ra-ms=<ms>][:ra-date=<s>]
 [:retry=true|false][:quota][:delay=<ms>] | hang | reset | cut | stream-cut
-| stream[:delay=<ms>][:gap=<ms>][:stall=<n>][:cut=<n>][:bytes=<n>[k|m]] (live chunked SSE)
+| stream[:delay=<ms>][:gap=<ms>][:stall=<n>][:cut=<n>][:bytes=<n>[k|m]] (live chunked SSE) | big=<bytes>[k|m]
 Control: PUT /_sim/script, PUT /_sim/default, GET|DELETE /_sim/requests, GET /_sim/health";
 
 struct Args {

@@ -508,6 +508,40 @@ fn embeddings(req: &Value, model: &str) -> RouteAnswer {
     )
 }
 
+/// The `big=<bytes>` step: `answer` grown to at least `bytes`. A 200 embeddings answer becomes a
+/// list of 1536-dimension float embeddings (written directly: no huge `Value` in memory twice);
+/// anything else gets trailing newlines, which JSON and SSE readers skip.
+pub(crate) fn grow(mut answer: RouteAnswer, path: &str, bytes: usize) -> RouteAnswer {
+    let embeddings = path.trim_end_matches('/') == "/v1/embeddings";
+    if answer.status == 200 && !answer.stream && embeddings {
+        let v: Value = serde_json::from_slice(&answer.body).unwrap_or(Value::Null);
+        let model = v["model"].as_str().unwrap_or(DEFAULT_MODEL);
+        let vector: Vec<f32> = (0..1536u32)
+            .map(|i| ((i.wrapping_mul(2_654_435_761) >> 8) as f32 / (1u32 << 24) as f32) - 0.5)
+            .collect();
+        let vector = serde_json::to_string(&vector).unwrap_or_default();
+        let mut body = String::from(r#"{"object":"list","data":["#);
+        let mut index = 0u64;
+        while body.len() < bytes || index == 0 {
+            if index > 0 {
+                body.push(',');
+            }
+            body.push_str(&format!(
+                r#"{{"object":"embedding","index":{index},"embedding":{vector}}}"#
+            ));
+            index += 1;
+        }
+        body.push_str(&format!(
+            r#"],"model":"{model}","usage":{{"prompt_tokens":{index},"total_tokens":{index}}}}}"#
+        ));
+        answer.body = body.into_bytes();
+    }
+    if answer.body.len() < bytes {
+        answer.body.resize(bytes, b'\n');
+    }
+    answer
+}
+
 fn response_obj(req: &Value, model: &str, ctx: &Ctx<'_>, completed: bool) -> Value {
     let p = prompt_tokens(req, &["input", "instructions"]);
     let output = if completed {

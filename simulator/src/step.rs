@@ -25,6 +25,9 @@ pub enum Step {
     /// Streaming request: send the SSE headers and some events, then close (`stream-cut`).
     /// On a non-streaming request it behaves like [`Step::Cut`].
     StreamCut,
+    /// Answer 200 like [`Step::Ok`], grown to at least `bytes` bytes (`big=<bytes>`): an
+    /// embeddings answer gets more full-size embeddings, any other answer trailing newlines.
+    Big { bytes: u64 },
     /// Streaming request: a live SSE stream, sent event by event with chunked transfer encoding,
     /// each event split across two TCP writes (`stream:gap=200:cut=3`). On a non-streaming
     /// request it behaves like [`Step::Ok`] (after `delay_ms`).
@@ -166,6 +169,9 @@ impl FromStr for Step {
             "reset" => Step::Reset,
             "cut" => Step::Cut,
             "stream-cut" | "stream_cut" | "streamcut" => Step::StreamCut,
+            h if h.starts_with("big=") => Step::Big {
+                bytes: parse_size("big", &h["big=".len()..])?,
+            },
             h if h.starts_with("delay=") => {
                 delay = Some(parse_num("delay", &h["delay=".len()..])?);
                 Step::Ok
@@ -243,6 +249,7 @@ impl fmt::Display for Step {
             Step::Reset => f.write_str("reset"),
             Step::Cut => f.write_str("cut"),
             Step::StreamCut => f.write_str("stream-cut"),
+            Step::Big { bytes } => write!(f, "big={bytes}"),
             Step::Stream(st) => {
                 f.write_str("stream")?;
                 for (k, v) in [
@@ -330,8 +337,10 @@ mod tests {
 
     #[test]
     fn parses_compact_forms() {
-        let s = parse_script("500, 500:ra=2 ,OK,delay=150,429:quota,hang,reset,cut,stream-cut")
-            .unwrap();
+        let s = parse_script(
+            "500, 500:ra=2 ,OK,delay=150,429:quota,hang,reset,cut,stream-cut,big=7500000",
+        )
+        .unwrap();
         assert_eq!(
             s,
             vec![
@@ -352,6 +361,7 @@ mod tests {
                 Step::Reset,
                 Step::Cut,
                 Step::StreamCut,
+                Step::Big { bytes: 7_500_000 },
             ]
         );
         let e: Step = "503:ra-ms=250+ra-date=3:retry=false:delay=10"
@@ -384,6 +394,8 @@ mod tests {
             "500:ra=x",
             "500:quota",
             "hang:delay=5",
+            "big=",
+            "big=1:delay=5",
             "500:zzz",
             "delay=",
         ] {
@@ -402,6 +414,7 @@ mod tests {
             "reset",
             "cut",
             "stream-cut",
+            "big=7500000",
             "stream",
             "stream:delay=5:gap=200:stall=2",
             "stream:gap=10:cut=3:bytes=1024",
@@ -458,10 +471,15 @@ mod tests {
     #[test]
     fn json_forms() {
         let steps = parse_steps_body(
-            r#"[{"kind":"error","status":429,"retry_after_secs":1},"500,ok",{"kind":"delay","ms":5},{"kind":"stream_cut"}]"#,
+            r#"[{"kind":"error","status":429,"retry_after_secs":1},"500,ok",{"kind":"delay","ms":5},{"kind":"stream_cut"},{"kind":"big","bytes":100}]"#,
         )
         .unwrap();
-        assert_eq!(steps.len(), 5);
+        assert_eq!(steps.len(), 6);
+        assert_eq!(steps[5], Step::Big { bytes: 100 });
+        assert_eq!(
+            serde_json::to_string(&steps[5]).unwrap(),
+            r#"{"kind":"big","bytes":100}"#
+        );
         assert_eq!(
             serde_json::to_string(&steps[0]).unwrap(),
             r#"{"kind":"error","status":429,"retry_after_secs":1}"#

@@ -555,6 +555,33 @@ async fn sse_stream_and_stream_cut() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_answers_are_realistic_and_at_least_the_size_asked() {
+    let sim = Simulator::start(0).await.unwrap();
+    sim.set_script(parse_script("big=300000,big=5000").unwrap());
+    let r = call(
+        &sim,
+        "POST",
+        "/v1/embeddings",
+        r#"{"model":"text-embedding-3-small","input":"x"}"#,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(r.complete());
+    assert!(r.body.len() >= 300_000, "{} bytes", r.body.len());
+    let v = r.json();
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["model"], "text-embedding-3-small");
+    let data = v["data"].as_array().unwrap();
+    assert!(data.len() > 1);
+    assert_eq!(data[1]["index"], 1);
+    assert_eq!(data[0]["embedding"].as_array().unwrap().len(), 1536);
+    // Any other route: the usual answer, padded.
+    let r = call(&sim, "POST", "/v1/chat/completions", CHAT).await;
+    assert_eq!(r.body.len(), 5000);
+    assert_eq!(r.json()["object"], "chat.completion");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_alive_and_connection_close() {
     let sim = Simulator::start(0).await.unwrap();
     sim.set_script(parse_script("500,ok").unwrap());

@@ -22,10 +22,11 @@ use crate::retry::{
     RetryPolicy, RetryRun, RunOutcome, SystemClock, TokioSleeper, UpstreamReply, epoch_ms,
 };
 use crate::secrets::Secrets;
+use crate::telemetry::logs;
 use crate::telemetry::metrics::{InvocationMetrics, MetricsSink};
 use crate::upstream::{ForwardRequest, UpstreamClient};
 use request::{BodyError, GatewayEvent};
-use response::{ErrorCode, ProxyResponse, UpstreamSummary, seconds};
+use response::{ErrorCode, LAMBDA_RESPONSE_LIMIT, ProxyResponse, UpstreamSummary, seconds};
 use routes::{Route, RouteKind};
 
 const STATUS_PAGE: &str = "https://status.openai.com";
@@ -68,6 +69,8 @@ enum Outcome {
     Rejected,
     ConfigError,
     Health,
+    /// The handler panicked (a bug): answered 500 `internal_error`.
+    InternalError,
 }
 
 impl Outcome {
@@ -79,8 +82,18 @@ impl Outcome {
             Outcome::Rejected => "rejected",
             Outcome::ConfigError => "config_error",
             Outcome::Health => "health",
+            Outcome::InternalError => "internal_error",
         }
     }
+}
+
+/// When an invocation started, and whether its `request finished` line and metrics record
+/// were written (a panic after either must not write it twice).
+struct Ending {
+    started: u64,
+    cold_start: bool,
+    logged: AtomicBool,
+    recorded: AtomicBool,
 }
 
 /// What the `request finished` line and the metrics need.
@@ -99,12 +112,16 @@ impl Proxy {
         metrics: Box<dyn MetricsSink>,
     ) -> Proxy {
         let state = settings.and_then(|settings| {
-            UpstreamClient::new(&settings.openai_base_url, settings.connect_timeout_ms)
-                .map(|upstream| Ready { settings, upstream })
-                .map_err(|_| ConfigError {
-                    setting: "OPENAI_BASE_URL",
-                    problem: "could not be used to build the HTTP client".into(),
-                })
+            UpstreamClient::new(
+                &settings.openai_base_url,
+                settings.connect_timeout_ms,
+                LAMBDA_RESPONSE_LIMIT,
+            )
+            .map(|upstream| Ready { settings, upstream })
+            .map_err(|_| ConfigError {
+                setting: "OPENAI_BASE_URL",
+                problem: "could not be used to build the HTTP client".into(),
+            })
         });
         if let Err(e) = &state {
             tracing::error!(setting = e.setting, problem = %e.problem, "configuration error: every proxied request will answer 500 config_error");
@@ -124,46 +141,59 @@ impl Proxy {
     }
 
     /// Answers one event. Runs the work on its own task so that even a panic becomes a §5
-    /// 500 answer instead of a bare Lambda error.
+    /// 500 answer instead of a bare Lambda error, and still ends in one `request finished`
+    /// line and one metrics record.
     pub async fn handle_event(self: &Arc<Self>, event: Value, invocation: Invocation) -> Value {
+        logs::begin_invocation(&invocation.request_id);
         let span = tracing::info_span!("invocation", lambda_request_id = %invocation.request_id);
-        let kind = GatewayEvent::parse(&event).map(|e| e.kind);
-        let proxy = self.clone();
-        let inv = invocation.clone();
-        let task =
-            tokio::spawn(async move { proxy.handle(&event, &inv).await }.instrument(span.clone()));
-        match task.await {
-            Ok(v) => v,
-            Err(e) => {
-                let _g = span.enter();
-                tracing::error!(
-                    panic = e.is_panic(),
-                    "handler failed; answering 500 internal_error"
-                );
-                let resp = ProxyResponse::error(
-                    ErrorCode::InternalError,
-                    "The proxy failed while handling this request. This is a bug in the proxy, not in your request.",
-                    None,
-                    &invocation.request_id,
-                );
-                render(kind, finish_headers(resp, &invocation.request_id))
-            }
-        }
+        let ending = Arc::new(Ending {
+            started: epoch_ms(),
+            cold_start: self.cold_start.swap(false, Ordering::Relaxed),
+            logged: AtomicBool::new(false),
+            recorded: AtomicBool::new(false),
+        });
+        let parsed = GatewayEvent::parse(&event).map(|e| (e.kind, e.start_ms, e.path.clone()));
+        let (proxy, inv, end) = (self.clone(), invocation.clone(), ending.clone());
+        let task = tokio::spawn(
+            async move { proxy.handle(&event, &inv, &end).await }.instrument(span.clone()),
+        );
+        let e = match task.await {
+            Ok(v) => return v,
+            Err(e) => e,
+        };
+        let _g = span.enter();
+        tracing::error!(
+            panic = e.is_panic(),
+            "handler failed; answering 500 internal_error"
+        );
+        let id = invocation.request_id.as_str();
+        let resp = ProxyResponse::error(
+            ErrorCode::InternalError,
+            "The proxy failed while handling this request. This is a bug in the proxy, not in your request.",
+            None,
+            id,
+        );
+        let resp = finish_headers(resp, id);
+        let route = parsed.as_ref().and_then(|(_, _, path)| routes::find(path));
+        let summary = Summary {
+            route: route.map_or("unknown", |r| r.path),
+            model: None,
+            code: Some(ErrorCode::InternalError),
+            outcome: Outcome::InternalError,
+            attempts: Vec::new(),
+        };
+        let gateway = parsed.as_ref().map(|(kind, start, _)| (*kind, *start));
+        let budget = self.budget(&invocation, gateway, ending.started);
+        self.finish(id, &summary, &resp, &budget, &ending);
+        render(parsed.map(|(kind, _, _)| kind), resp)
     }
 
     /// Answers one event (no panic guard; see [`Proxy::handle_event`]).
-    pub async fn handle(&self, event: &Value, invocation: &Invocation) -> Value {
-        let started = epoch_ms();
-        let cold_start = self.cold_start.swap(false, Ordering::Relaxed);
+    async fn handle(&self, event: &Value, invocation: &Invocation, ending: &Ending) -> Value {
         let id = invocation.request_id.as_str();
         let parsed = GatewayEvent::parse(event);
         let gateway = parsed.as_ref().map(|e| (e.kind, e.start_ms));
-        // Misconfigured: nothing goes upstream, but the default deadline still makes sense.
-        let deadline = self
-            .state
-            .as_ref()
-            .map_or_else(|_| DeadlineSettings::default(), |r| r.settings.deadline());
-        let budget = Budget::compute(invocation.deadline_ms, gateway, started, &deadline);
+        let budget = self.budget(invocation, gateway, ending.started);
         self.warn_about_emulators(&budget, invocation);
 
         let mut summary = Summary {
@@ -186,16 +216,47 @@ impl Proxy {
             }
         };
         let resp = finish_headers(resp, id);
-        let elapsed_ms = epoch_ms().saturating_sub(started);
-        log_finished(&summary, &resp, elapsed_ms, &budget, cold_start);
-        if summary.outcome != Outcome::Health {
+        self.finish(id, &summary, &resp, &budget, ending);
+        render(parsed.map(|e| e.kind), resp)
+    }
+
+    /// The invocation's budget. Misconfigured: nothing goes upstream, but the default deadline
+    /// still makes sense.
+    fn budget(
+        &self,
+        invocation: &Invocation,
+        gateway: Option<(GatewayKind, Option<u64>)>,
+        started: u64,
+    ) -> Budget {
+        let deadline = self
+            .state
+            .as_ref()
+            .map_or_else(|_| DeadlineSettings::default(), |r| r.settings.deadline());
+        Budget::compute(invocation.deadline_ms, gateway, started, &deadline)
+    }
+
+    /// The `request finished` line and the metrics record, each written once per invocation
+    /// (after a panic, only what the handler did not write yet).
+    fn finish(
+        &self,
+        id: &str,
+        summary: &Summary,
+        resp: &ProxyResponse,
+        budget: &Budget,
+        ending: &Ending,
+    ) {
+        let cold_start = ending.cold_start;
+        if !ending.logged.swap(true, Ordering::SeqCst) {
+            let elapsed_ms = epoch_ms().saturating_sub(ending.started);
+            log_finished(summary, resp, elapsed_ms, budget, cold_start);
+        }
+        if summary.outcome != Outcome::Health && !ending.recorded.swap(true, Ordering::SeqCst) {
             let failed = summary.code.is_some_and(ErrorCode::is_upstream_failure);
             self.metrics.record(
                 id,
                 InvocationMetrics::from_attempts(&summary.attempts, failed, cold_start),
             );
         }
-        render(parsed.map(|e| e.kind), resp)
     }
 
     fn warn_about_emulators(&self, budget: &Budget, invocation: &Invocation) {
@@ -396,7 +457,7 @@ impl Proxy {
     }
 
     /// Runs the retry engine; after an upstream 401 with a key from Secrets Manager, fetches the
-    /// key again once (rotation) and retries with what is left of the budget.
+    /// key again once (rotation) and retries with what is left of the attempts and the budget.
     async fn call_upstream(
         &self,
         ready: &Ready,
@@ -451,10 +512,28 @@ impl Proxy {
             );
             return run;
         }
+        // The retry with the new key spends from the same RETRY_MAX_ATTEMPTS (and deadline).
+        let offset = run.attempts.len() as u32;
+        let Some(left) = settings
+            .retry_max_attempts
+            .checked_sub(offset)
+            .filter(|n| *n > 0)
+        else {
+            tracing::warn!(
+                "upstream rejected the OpenAI key (401); fetched a new one from Secrets Manager for the next request (no attempt left for this one)"
+            );
+            return run;
+        };
         tracing::warn!(
             "upstream rejected the OpenAI key (401); fetched it again from Secrets Manager and retrying once"
         );
-        let offset = run.attempts.len() as u32;
+        let engine = Engine {
+            policy: RetryPolicy {
+                max_attempts: left,
+                ..engine.policy
+            },
+            ..engine
+        };
         let second = engine
             .run(
                 budget.deadline_ms,
@@ -543,6 +622,9 @@ fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> P
             if let Some(ms) = reply.header("retry-after-ms") {
                 resp.set_header("retry-after-ms", ms);
             }
+            if reply.oversized || !resp.fits_lambda_limit() {
+                resp = too_large(&reply, upstream, &ids, id, summary);
+            }
             (resp, Some(reply))
         }
         RunOutcome::GaveUp {
@@ -603,6 +685,30 @@ fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> P
         pass_through_headers(&reply, &mut resp);
     }
     resp
+}
+
+/// 502 `upstream_response_too_large`: the upstream's final answer cannot be returned through
+/// Lambda. Retrying cannot help, so it is not retried (like every error, `x-should-retry: false`).
+fn too_large(
+    reply: &UpstreamReply,
+    upstream: UpstreamSummary,
+    ids: &str,
+    id: &str,
+    summary: &mut Summary,
+) -> ProxyResponse {
+    let code = ErrorCode::UpstreamResponseTooLarge;
+    summary.outcome = Outcome::UpstreamFailure;
+    summary.code = Some(code);
+    let status = AttemptOutcome::Reply(reply.clone()).describe();
+    let upstream = UpstreamSummary {
+        last_error: Some(format!("{status}: answer too large")),
+        ..upstream
+    };
+    let message = format!(
+        "OpenAI's answer ({status}) is larger than the {} MB a Lambda function can return, so the proxy read no further and cannot pass it on. Ask for less in one request (fewer inputs per embeddings request, encoding_format \"base64\" for embeddings, a lower max_tokens). Upstream request ids: {ids}.",
+        LAMBDA_RESPONSE_LIMIT / 1_000_000
+    );
+    ProxyResponse::error(code, message, Some(&upstream), id)
 }
 
 /// The §5 code and message after the engine gave up: 504 only when the deadline cut an attempt
@@ -777,7 +883,7 @@ fn log_finished(
     }
     match s.outcome {
         Outcome::UpstreamFailure => finished_event!(warn),
-        Outcome::ConfigError => finished_event!(error),
+        Outcome::ConfigError | Outcome::InternalError => finished_event!(error),
         _ => finished_event!(info),
     }
 }

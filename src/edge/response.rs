@@ -18,6 +18,7 @@ pub enum ErrorCode {
     NotFound,
     MethodNotAllowed,
     PayloadTooLarge,
+    UpstreamResponseTooLarge,
     ConfigError,
     /// Not in the spec's table: the last-resort answer if the handler itself failed.
     InternalError,
@@ -26,7 +27,9 @@ pub enum ErrorCode {
 impl ErrorCode {
     pub fn status(self) -> u16 {
         match self {
-            ErrorCode::UpstreamUnavailable | ErrorCode::UpstreamAuthFailed => 502,
+            ErrorCode::UpstreamUnavailable
+            | ErrorCode::UpstreamAuthFailed
+            | ErrorCode::UpstreamResponseTooLarge => 502,
             ErrorCode::UpstreamTimeout => 504,
             ErrorCode::UpstreamRateLimited => 429,
             ErrorCode::InvalidJson | ErrorCode::InvalidRequest => 400,
@@ -52,6 +55,7 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::UpstreamResponseTooLarge => "upstream_response_too_large",
             ErrorCode::ConfigError => "config_error",
             ErrorCode::InternalError => "internal_error",
         }
@@ -63,6 +67,7 @@ impl ErrorCode {
             ErrorCode::UpstreamUnavailable
             | ErrorCode::UpstreamTimeout
             | ErrorCode::UpstreamAuthFailed
+            | ErrorCode::UpstreamResponseTooLarge
             | ErrorCode::ConfigError
             | ErrorCode::InternalError => "server_error",
             ErrorCode::UpstreamRateLimited => "rate_limit_error",
@@ -76,7 +81,8 @@ impl ErrorCode {
         }
     }
 
-    /// The codes that count as `UpstreamFailures`: the function answered for a broken upstream.
+    /// The codes that count as `UpstreamFailures`: the function answered 502/504/429 instead of
+    /// the upstream's answer (an answer too large to return included: the caller got a 502).
     pub fn is_upstream_failure(self) -> bool {
         matches!(
             self,
@@ -84,9 +90,17 @@ impl ErrorCode {
                 | ErrorCode::UpstreamTimeout
                 | ErrorCode::UpstreamRateLimited
                 | ErrorCode::UpstreamAuthFailed
+                | ErrorCode::UpstreamResponseTooLarge
         )
     }
 }
+
+/// The most a buffered Lambda function may return: the whole response payload (the gateway
+/// envelope with the JSON-escaped or base64 body), as Lambda counts it.
+pub const LAMBDA_RESPONSE_LIMIT: usize = 6_291_556;
+
+/// Room kept for the envelope and the headers added after the size check.
+const ENVELOPE_ALLOWANCE: usize = 2_048;
 
 /// What the upstream did, for the `error.upstream` object.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -150,10 +164,36 @@ impl ProxyResponse {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Whether this response, once shaped for the gateway (body JSON-escaped, or base64 when it
+    /// is not UTF-8), stays within [`LAMBDA_RESPONSE_LIMIT`].
+    pub fn fits_lambda_limit(&self) -> bool {
+        let body = match std::str::from_utf8(&self.body) {
+            Ok(text) => escaped_len(text),
+            Err(_) => self.body.len().div_ceil(3) * 4,
+        };
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(k, v)| escaped_len(k) + escaped_len(v) + 6)
+            .sum();
+        body + headers + ENVELOPE_ALLOWANCE <= LAMBDA_RESPONSE_LIMIT
+    }
+
     pub fn set_header(&mut self, name: &str, value: impl Into<String>) {
         self.headers.retain(|(k, _)| k != name);
         self.headers.push((name.to_owned(), value.into()));
     }
+}
+
+/// Length of `s` as a JSON string's content (what serde_json writes between the quotes).
+fn escaped_len(s: &str) -> usize {
+    s.bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum()
 }
 
 /// `12.3 s` for messages.
@@ -179,11 +219,40 @@ mod tests {
             (ErrorCode::NotFound, 404, "not_found"),
             (ErrorCode::MethodNotAllowed, 405, "method_not_allowed"),
             (ErrorCode::PayloadTooLarge, 413, "payload_too_large"),
+            (
+                ErrorCode::UpstreamResponseTooLarge,
+                502,
+                "upstream_response_too_large",
+            ),
             (ErrorCode::ConfigError, 500, "config_error"),
         ];
         for (code, status, name) in table {
             assert_eq!((code.status(), code.as_str()), (status, name));
         }
+    }
+
+    #[test]
+    fn the_lambda_limit_counts_the_encoded_body() {
+        let resp = |body: Vec<u8>| ProxyResponse {
+            status: 200,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: Bytes::from(body),
+        };
+        let room = LAMBDA_RESPONSE_LIMIT - ENVELOPE_ALLOWANCE - 200;
+        assert!(resp(vec![b'a'; room]).fits_lambda_limit());
+        // The same size in quotes doubles once escaped; control characters take six bytes.
+        assert!(!resp(vec![b'"'; room]).fits_lambda_limit());
+        assert!(resp(vec![b'"'; room / 2]).fits_lambda_limit());
+        assert!(!resp(vec![1u8; room / 5]).fits_lambda_limit());
+        // Not UTF-8: base64, 4 bytes for 3.
+        assert!(!resp(vec![0xff; room]).fits_lambda_limit());
+        assert!(resp(vec![0xff; room / 4 * 3]).fits_lambda_limit());
+        // escaped_len agrees with serde_json.
+        let text = "a\"b\\c\nd\u{1}e\u{7f}é😀\t";
+        assert_eq!(
+            escaped_len(text) + 2,
+            serde_json::to_string(text).unwrap().len()
+        );
     }
 
     #[test]

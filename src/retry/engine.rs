@@ -447,6 +447,7 @@ mod tests {
                     status,
                     headers: h,
                     body: body.into(),
+                    oversized: false,
                 })
             }
             Step::Fail(kind, _) => AttemptOutcome::Failed {

@@ -44,7 +44,11 @@ pub struct UpstreamReply {
     pub status: u16,
     /// Header names in lower case.
     pub headers: Vec<(String, String)>,
+    /// Empty when `oversized`.
     pub body: Bytes,
+    /// The body was longer than the proxy may return (Lambda's response limit) and was not
+    /// read. The status still decides retrying; a final oversized answer cannot be passed on.
+    pub oversized: bool,
 }
 
 impl UpstreamReply {

@@ -113,6 +113,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             body: body.as_bytes().to_vec().into(),
+            oversized: false,
         }
     }
 

@@ -14,9 +14,14 @@
 //!    finished, then takes **everything** pending (its own record, plus any record of an
 //!    invocation whose INVOKE never reached the extension) and publishes each record with one
 //!    `PutMetricData` call, bounded by [`PUT_TIMEOUT`].
-//! 4. Under `cargo lambda watch` the first INVOKE never reaches the extension. A record whose
-//!    invocation finished but was not claimed within [`ORPHAN_GRACE`] is published by a
+//! 4. Under `cargo lambda watch` the first INVOKE reaches the extension late or never. A record
+//!    whose invocation finished but was not claimed within [`ORPHAN_GRACE`] is published by a
 //!    background task instead (real Lambda never gets there: the extension is already waiting).
+//! 5. Every id whose record left the queue (claimed, drained by another claim, or published as
+//!    an orphan) is remembered as *settled*: an INVOKE that reaches the extension after that
+//!    settles at once instead of waiting for a finish that already happened. Any other wait is
+//!    bounded by the invocation's deadline, or [`FALLBACK_WAIT`] when the deadline is bogus
+//!    (emulators); a record that comes after a given-up wait is published as an orphan.
 //!
 //! Records are taken out of the queue under its lock, so each is published exactly once; a
 //! failed or timed-out call is logged once at WARN and the record is dropped (the response was
@@ -27,7 +32,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use aws_sdk_cloudwatch::Client;
 use aws_sdk_cloudwatch::error::DisplayErrorContext;
@@ -39,6 +44,7 @@ use lambda_runtime::tower::{Layer, Service};
 use tokio::sync::Notify;
 
 use super::metrics::{DIMENSION, Datum, InvocationMetrics, MetricsSink, Unit};
+use crate::retry::epoch_ms;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -52,8 +58,9 @@ pub const EXTENSION_NAME: &str = "openai-lambda-proxy-metrics";
 /// Finished ids remembered for the extension (only unclaimed ones pile up; sequential
 /// invocations leave at most one).
 const MAX_FINISHED: usize = 64;
-/// Wait limit when the INVOKE's deadline is not a usable epoch time (local emulators).
-const FALLBACK_WAIT: Duration = Duration::from_secs(15 * 60);
+/// Wait limit when the INVOKE's deadline is not a usable epoch time (local emulators). Safe to
+/// keep short: a record that arrives after the wait gave up is published as an orphan.
+const FALLBACK_WAIT: Duration = Duration::from_secs(30);
 
 /// One invocation's record, waiting to be published.
 #[derive(Clone, Debug, PartialEq)]
@@ -66,7 +73,34 @@ pub struct Pending {
 #[derive(Default)]
 struct Queue {
     pending: Vec<Pending>,
+    /// Responses posted, records not yet taken.
     finished: VecDeque<String>,
+    /// Records taken (published or being published): a later INVOKE has nothing to wait for.
+    settled: VecDeque<String>,
+}
+
+/// Remembers `id` in a bounded list (sequential invocations leave only a few).
+fn remember(list: &mut VecDeque<String>, id: String) {
+    if list.len() >= MAX_FINISHED {
+        list.pop_front();
+    }
+    list.push_back(id);
+}
+
+impl Queue {
+    /// Pure: what an INVOKE for `id` does now. `Some(batch)`: it is settled (its own record and
+    /// every other finished one, or nothing when they were taken before); `None`: its
+    /// invocation has not finished yet, wait.
+    fn claim(&mut self, id: &str) -> Option<Vec<Pending>> {
+        if self.finished.iter().any(|f| f == id) {
+            // Invocations are sequential: any other finished id was never claimed.
+            for f in std::mem::take(&mut self.finished) {
+                remember(&mut self.settled, f);
+            }
+            return Some(std::mem::take(&mut self.pending));
+        }
+        self.settled.iter().any(|f| f == id).then(Vec::new)
+    }
 }
 
 /// The pairing of records, finished invocations and INVOKE events (no I/O; see module docs).
@@ -92,13 +126,7 @@ impl FlushQueue {
 
     /// The runtime has posted the invocation's response.
     pub fn finish(&self, request_id: &str) {
-        {
-            let mut q = self.lock();
-            if q.finished.len() >= MAX_FINISHED {
-                q.finished.pop_front();
-            }
-            q.finished.push_back(request_id.to_owned());
-        }
+        remember(&mut self.lock().finished, request_id.to_owned());
         self.changed.notify_waiters();
     }
 
@@ -110,13 +138,8 @@ impl FlushQueue {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            {
-                let mut q = self.lock();
-                if q.finished.iter().any(|id| id == request_id) {
-                    // Invocations are sequential: any other finished id was never claimed.
-                    q.finished.clear();
-                    return std::mem::take(&mut q.pending);
-                }
+            if let Some(batch) = self.lock().claim(request_id) {
+                return batch;
             }
             if tokio::time::timeout_at(give_up, notified).await.is_err() {
                 tracing::warn!(
@@ -137,7 +160,8 @@ impl FlushQueue {
     pub fn take_orphan(&self, request_id: &str) -> Option<Vec<Pending>> {
         let mut q = self.lock();
         let pos = q.finished.iter().position(|id| id == request_id)?;
-        q.finished.remove(pos);
+        let id = q.finished.remove(pos)?;
+        remember(&mut q.settled, id);
         let (mine, rest) = std::mem::take(&mut q.pending)
             .into_iter()
             .partition(|p| p.request_id == request_id);
@@ -269,7 +293,10 @@ impl CloudWatchMetrics {
             NextEvent::Invoke(invoke) => {
                 let batch = self
                     .queue
-                    .claim(&invoke.request_id, wait_limit(invoke.deadline_ms))
+                    .claim(
+                        &invoke.request_id,
+                        wait_limit(invoke.deadline_ms, epoch_ms()),
+                    )
                     .await;
                 self.publisher.publish(batch).await;
             }
@@ -314,11 +341,7 @@ impl FlushExtension {
 
 /// Until the invocation's deadline (plus a second), or [`FALLBACK_WAIT`] when the deadline is
 /// not a plausible epoch time.
-fn wait_limit(deadline_ms: u64) -> Duration {
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
+fn wait_limit(deadline_ms: u64, now_ms: u64) -> Duration {
     if deadline_ms > now_ms {
         Duration::from_millis(deadline_ms - now_ms + 1000).min(FALLBACK_WAIT)
     } else {
@@ -479,13 +502,111 @@ mod tests {
 
     #[test]
     fn wait_limit_follows_plausible_deadlines_only() {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64;
-        let l = wait_limit(now + 10_000);
-        assert!(l > Duration::from_secs(10) && l <= Duration::from_secs(11));
-        assert_eq!(wait_limit(600_000), FALLBACK_WAIT);
+        let now = 1_764_000_000_000;
+        assert_eq!(wait_limit(now + 10_000, now), Duration::from_secs(11));
+        // `cargo lambda watch` sends a constant 600000: a short, bounded wait.
+        assert_eq!(wait_limit(600_000, now), FALLBACK_WAIT);
+        assert!(FALLBACK_WAIT <= Duration::from_secs(60));
+        assert_eq!(wait_limit(now + 3_600_000, now), FALLBACK_WAIT);
+    }
+
+    /// Claims `id` in virtual time; returns the batch and how long the claim took.
+    async fn timed_claim(q: &FlushQueue, id: &str) -> (Vec<Pending>, Duration) {
+        let started = tokio::time::Instant::now();
+        let batch = q.claim(id, Duration::from_secs(15 * 60)).await;
+        (batch, started.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_invoke_for_a_record_published_as_orphan_settles_at_once() {
+        let q = FlushQueue::default();
+        q.push("first", m(0));
+        q.finish("first");
+        // The extension missed it: the background task published it.
+        assert_eq!(ids(&q.take_orphan("first").unwrap()), ["first"]);
+        // Then the INVOKE arrives after all (cargo lambda watch): nothing to wait for.
+        let (batch, took) = timed_claim(&q, "first").await;
+        assert!(batch.is_empty(), "published twice: {batch:?}");
+        assert_eq!(took, Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_invoke_for_a_record_drained_by_the_next_claim_settles_at_once() {
+        let q = FlushQueue::default();
+        q.push("first", m(0));
+        q.finish("first");
+        q.push("second", m(1));
+        q.finish("second");
+        let (batch, _) = timed_claim(&q, "second").await;
+        assert_eq!(ids(&batch), ["first", "second"]);
+        let (batch, took) = timed_claim(&q, "first").await;
+        assert!(
+            batch.is_empty() && took == Duration::ZERO,
+            "{batch:?} after {took:?}"
+        );
+        // And the next invocation pairs as usual.
+        q.push("third", m(2));
+        q.finish("third");
+        let (batch, took) = timed_claim(&q, "third").await;
+        assert_eq!((ids(&batch), took), (vec!["third"], Duration::ZERO));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_record_is_published_exactly_once_whatever_the_extension_sees() {
+        // For each invocation: whether its INVOKE reaches the extension before the response,
+        // after it, after the orphan check, or never.
+        #[derive(Clone, Copy, Debug)]
+        enum Seen {
+            Early,
+            Late,
+            AfterOrphan,
+            Never,
+        }
+        let orders = [
+            [Seen::Never, Seen::Early, Seen::Early],
+            [Seen::AfterOrphan, Seen::Late, Seen::Never],
+            [Seen::Late, Seen::AfterOrphan, Seen::AfterOrphan],
+            [Seen::Never, Seen::Never, Seen::Late],
+            [Seen::AfterOrphan, Seen::Early, Seen::Never],
+        ];
+        for order in orders {
+            let q = Arc::new(FlushQueue::default());
+            let mut published: Vec<String> = Vec::new();
+            for (n, seen) in order.iter().enumerate() {
+                let id = format!("inv-{n}");
+                let early = matches!(seen, Seen::Early).then(|| {
+                    let (q, id) = (q.clone(), id.clone());
+                    tokio::spawn(async move { timed_claim(&q, &id).await })
+                });
+                tokio::task::yield_now().await;
+                q.push(&id, m(n as u64));
+                q.finish(&id);
+                let claimed = match (seen, early) {
+                    (_, Some(task)) => Some(task.await.unwrap()),
+                    (Seen::Late, _) => Some(timed_claim(&q, &id).await),
+                    _ => None,
+                };
+                // The orphan check, ORPHAN_GRACE after the response.
+                published.extend(
+                    q.take_orphan(&id)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|p| p.request_id),
+                );
+                if let Seen::AfterOrphan = seen {
+                    let (batch, took) = timed_claim(&q, &id).await;
+                    assert_eq!(took, Duration::ZERO, "{order:?}: stalled on {id}");
+                    published.extend(batch.into_iter().map(|p| p.request_id));
+                }
+                if let Some((batch, took)) = claimed {
+                    assert_eq!(took, Duration::ZERO, "{order:?}: stalled on {id}");
+                    published.extend(batch.into_iter().map(|p| p.request_id));
+                }
+            }
+            published.extend(q.take_all().into_iter().map(|p| p.request_id));
+            published.sort();
+            assert_eq!(published, ["inv-0", "inv-1", "inv-2"], "{order:?}");
+        }
     }
 
     #[test]

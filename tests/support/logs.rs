@@ -91,6 +91,39 @@ impl Write for Buf {
     }
 }
 
+/// A log event with this message makes the code that logs it panic, once: a real panic in
+/// the middle of the proxy's own code path, with no test hook in the proxy. Tests that use it
+/// should not run concurrently with others logging the same message in the same binary.
+static PANIC_ON: Mutex<Option<&'static str>> = Mutex::new(None);
+
+pub fn panic_once_on(message: &'static str) {
+    capture();
+    *PANIC_ON.lock().unwrap_or_else(|e| e.into_inner()) = Some(message);
+}
+
+struct PanicOnce;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for PanicOnce {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                if f.name() == "message" {
+                    self.0 = format!("{v:?}");
+                }
+            }
+        }
+        let mut m = Message(String::new());
+        event.record(&mut m);
+        let mut armed = PANIC_ON.lock().unwrap_or_else(|e| e.into_inner());
+        if armed.is_some_and(|wanted| wanted == m.0) {
+            *armed = None;
+            drop(armed);
+            panic!("test-forced panic on the log event `{}`", m.0);
+        }
+    }
+}
+
 /// The captured log of this test binary and the secrets registered so far.
 pub struct Capture {
     buf: Buf,
@@ -110,6 +143,7 @@ pub fn capture() -> &'static Capture {
         tracing_subscriber::registry()
             .with(EnvFilter::new(level))
             .with(JsonLines::new(move || sink.clone()))
+            .with(PanicOnce)
             .try_init()
             .expect("another global tracing subscriber is already installed");
         Capture {
@@ -129,6 +163,20 @@ impl Capture {
                 s.push(x.to_string());
             }
         }
+    }
+
+    /// How many bytes were captured so far (a mark to read from later).
+    pub fn len(&self) -> usize {
+        self.buf.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Lines captured since `mark` (from [`Capture::len`]), parsed.
+    pub fn lines_since(&self, mark: usize) -> Vec<serde_json::Value> {
+        let bytes = self.buf.0.lock().unwrap_or_else(|e| e.into_inner())[mark..].to_vec();
+        String::from_utf8_lossy(&bytes)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("every log line is JSON"))
+            .collect()
     }
 
     /// Everything captured so far.

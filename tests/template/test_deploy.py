@@ -325,3 +325,45 @@ def test_every_parameter_is_documented_with_its_environment_variable():
         m = re.search(rf"^\| `{var}` \| `([^`]*)` \|", readme, re.M)
         if m and default:
             assert m.group(1) == default, f"README says {var} defaults to {m.group(1)}, template {default}"
+
+
+def code_number_settings() -> dict:
+    """`VAR -> (default or None, min, max)` for every whole-number setting src/config.rs parses
+    with `env.number(VAR, default, min, max)` / `env.optional_number(VAR, min, max)`."""
+    src = cfn.rust_source("src/config.rs")
+    consts = {
+        name: value.replace("_", "")
+        for name, value in re.findall(r"const ([A-Z_]+): u64 = ([\d_ *]+);", src)
+    }
+    consts.update({"deadline.margin_ms": "500", "deadline.fallback_timeout_ms": "30000"})
+
+    def number(expr: str):
+        expr = consts.get(expr.strip(), expr.strip()).replace("_", "")
+        return eval(expr, {}, {}) if re.fullmatch(r"[\d *]+", expr) else None  # digits and * only
+
+    out = {}
+    for kind, var, args in re.findall(r"env\.(optional_number|number)\(\s*\"([A-Z_]+)\",(.*?)\)\?", src, re.S):
+        values = [number(a) for a in args.split(",") if a.strip()]
+        out[var] = (values[0], values[1], values[2]) if kind == "number" else (None, values[0], values[1])
+    return out
+
+
+def test_number_parameters_accept_only_what_the_function_accepts():
+    """A value the template accepts but the config parser refuses would make every proxied
+    request a 500 config_error: the bounds (and defaults) must agree."""
+    template = cfn.load_template()
+    env = template["Resources"]["ProxyFunction"]["Properties"]["Environment"]["Variables"]
+    code = code_number_settings()
+    assert {"SECRETS_TTL_MS", "RETRY_MAX_ATTEMPTS", "DEADLINE_MARGIN_MS"} <= set(code), code
+    checked = 0
+    for var, ref in env.items():
+        param = template["Parameters"].get(ref.get("Ref", "") if isinstance(ref, dict) else "")
+        if var not in code or not param or param["Type"] != "Number":
+            continue
+        default, low, high = code[var]
+        assert "MinValue" in param and "MaxValue" in param, f"{var}: the template must bound it like the code ({low}..{high})"
+        assert low is None or param["MinValue"] >= low, (var, param["MinValue"], low)
+        assert high is None or param["MaxValue"] <= high, (var, param["MaxValue"], high)
+        assert default is None or param["Default"] == default, (var, param["Default"], default)
+        checked += 1
+    assert checked >= 8, checked
