@@ -20,7 +20,8 @@ pub struct Settings {
     pub openai_base_url: String,
     pub openai_organization: Option<String>,
     pub openai_project: Option<String>,
-    pub openai_key: KeySource,
+    /// Unset only when `UPSTREAMS` / `UPSTREAMS_SECRET_ARN` lists the upstreams and their keys.
+    pub openai_key: Option<KeySource>,
     pub auth: ClientAuth,
     pub allowed_models: Option<ModelAllowList>,
     pub max_body_bytes: usize,
@@ -58,6 +59,28 @@ pub enum InvokeMode {
     Buffered,
     /// Lambda's streaming HTTP integration format (prelude, 8 NUL bytes, body) for every invocation.
     ResponseStream,
+}
+
+impl InvokeMode {
+    fn parse(raw: Option<&str>) -> Result<InvokeMode, ConfigError> {
+        match raw.map(str::trim).filter(|m| !m.is_empty()) {
+            None => Ok(InvokeMode::Buffered),
+            Some(m) if m.eq_ignore_ascii_case("BUFFERED") => Ok(InvokeMode::Buffered),
+            Some(m) if m.eq_ignore_ascii_case("RESPONSE_STREAM") => Ok(InvokeMode::ResponseStream),
+            Some(_) => Err(invalid(
+                "INVOKE_MODE",
+                "must be `BUFFERED` or `RESPONSE_STREAM`",
+            )),
+        }
+    }
+
+    /// The mode the runtime must answer in, read on its own: even when another setting is bad
+    /// (every request then gets 500 `config_error`), that answer must come in the format Lambda
+    /// expects. An unreadable `INVOKE_MODE` falls back to `BUFFERED`.
+    pub fn from_env() -> InvokeMode {
+        InvokeMode::parse(std::env::var("INVOKE_MODE").ok().as_deref())
+            .unwrap_or(InvokeMode::Buffered)
+    }
 }
 
 /// Where the server's OpenAI key comes from.
@@ -165,18 +188,16 @@ impl Settings {
             None => "https://api.openai.com/v1".to_owned(),
             Some(raw) => parse_base_url("OPENAI_BASE_URL", &raw)?,
         };
+        // With an upstream list, each entry brings its own key.
+        let own_list = env.get("UPSTREAMS").is_some() || env.get("UPSTREAMS_SECRET_ARN").is_some();
         let openai_key = match (
             env.get("OPENAI_API_KEY_SECRET_ARN"),
             env.get("OPENAI_API_KEY"),
         ) {
-            (Some(arn), _) => KeySource::SecretArn(arn),
-            (None, Some(key)) => KeySource::Env(header_token("OPENAI_API_KEY", key)?),
-            (None, None) => {
-                return Err(ConfigError {
-                    setting: "OPENAI_API_KEY",
-                    problem: "is not set (set OPENAI_API_KEY_SECRET_ARN or OPENAI_API_KEY)".into(),
-                });
-            }
+            (Some(arn), _) => Some(KeySource::SecretArn(arn)),
+            (None, Some(key)) => Some(KeySource::Env(header_token("OPENAI_API_KEY", key)?)),
+            (None, None) if own_list => None,
+            (None, None) => return Err(missing_openai_key()),
         };
         let auth_disabled = match env.get("AUTH_MODE").as_deref() {
             None => false,
@@ -226,17 +247,7 @@ impl Settings {
                 "must be at most 255 characters and not start with `AWS/`",
             ));
         }
-        let invoke_mode = match env.get("INVOKE_MODE").as_deref() {
-            None => InvokeMode::Buffered,
-            Some(m) if m.eq_ignore_ascii_case("BUFFERED") => InvokeMode::Buffered,
-            Some(m) if m.eq_ignore_ascii_case("RESPONSE_STREAM") => InvokeMode::ResponseStream,
-            Some(_) => {
-                return Err(invalid(
-                    "INVOKE_MODE",
-                    "must be `BUFFERED` or `RESPONSE_STREAM`",
-                ));
-            }
-        };
+        let invoke_mode = InvokeMode::parse(env.get("INVOKE_MODE").as_deref())?;
         let retry_max_attempts = env.number("RETRY_MAX_ATTEMPTS", 5, 1, 20)? as u32;
         let deadline = DeadlineSettings::default();
         let openai_organization = env
@@ -251,10 +262,10 @@ impl Settings {
             (Some(arn), _) => UpstreamsSource::SecretArn(arn),
             (None, Some(raw)) => UpstreamsSource::List(parse_upstreams("UPSTREAMS", &raw)?),
             (None, None) => UpstreamsSource::List(vec![UpstreamSpec {
-                name: "openai".into(),
+                name: DEFAULT_UPSTREAM.into(),
                 base_url: openai_base_url.clone(),
                 kind: UpstreamKind::OpenAi,
-                key: openai_key.clone(),
+                key: openai_key.clone().ok_or_else(missing_openai_key)?,
                 organization: openai_organization.clone(),
                 project: openai_project.clone(),
                 models: Default::default(),
@@ -328,7 +339,21 @@ impl Settings {
     }
 }
 
+/// The name of the one upstream built from the §7 settings when `UPSTREAMS` is unset.
+pub const DEFAULT_UPSTREAM: &str = "openai";
+
 impl Settings {
+    /// Whether a Secrets Manager client is needed.
+    pub fn uses_secrets(&self) -> bool {
+        let key_secret = |k: &KeySource| matches!(k, KeySource::SecretArn(_));
+        self.openai_key.as_ref().is_some_and(key_secret)
+            || matches!(self.auth, ClientAuth::SecretArn(_))
+            || match &self.upstreams {
+                UpstreamsSource::SecretArn(_) => true,
+                UpstreamsSource::List(list) => list.iter().any(|u| key_secret(&u.key)),
+            }
+    }
+
     /// The settings the deadline budget uses. With `METRICS_BACKEND=cloudwatch` the metrics are
     /// flushed after the answer, inside the Lambda deadline, so time is kept free for it.
     pub fn deadline(&self) -> DeadlineSettings {
@@ -343,6 +368,13 @@ impl Settings {
                 0
             },
         }
+    }
+}
+
+fn missing_openai_key() -> ConfigError {
+    ConfigError {
+        setting: "OPENAI_API_KEY",
+        problem: "is not set (set OPENAI_API_KEY_SECRET_ARN or OPENAI_API_KEY, or list upstreams in UPSTREAMS)".into(),
     }
 }
 

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use lambda_runtime::{Error, LambdaEvent, Runtime, layers, service_fn};
-use openai_lambda_proxy::config::{ClientAuth, KeySource, Settings};
+use openai_lambda_proxy::config::{InvokeMode, Settings};
 use openai_lambda_proxy::secrets::Secrets;
 use openai_lambda_proxy::telemetry::backend::Metrics;
 use openai_lambda_proxy::telemetry::logs;
@@ -15,10 +15,7 @@ use serde_json::Value;
 async fn main() -> Result<(), Error> {
     logs::init();
     let settings = Settings::from_env();
-    let uses_secrets = settings.as_ref().is_ok_and(|s| {
-        matches!(s.openai_key, KeySource::SecretArn(_))
-            || matches!(s.auth, ClientAuth::SecretArn(_))
-    });
+    let uses_secrets = settings.as_ref().is_ok_and(Settings::uses_secrets);
     let aws = if uses_secrets || Metrics::needs_aws_config(settings.as_ref().ok()) {
         Some(aws_config::load_from_env().await)
     } else {
@@ -34,13 +31,26 @@ async fn main() -> Result<(), Error> {
         Secrets::new(secrets_client),
         metrics.sink(),
     ));
+    if InvokeMode::from_env() == InvokeMode::ResponseStream {
+        let handler = service_fn(move |event: LambdaEvent<Value>| {
+            let proxy = proxy.clone();
+            async move {
+                let invocation = invocation(&event.context);
+                let answer = proxy
+                    .handle_streaming_event(event.payload, invocation)
+                    .await;
+                Ok::<_, Error>(answer)
+            }
+        });
+        let runtime = Runtime::new(handler)
+            .layer(layers::TracingLayer::new())
+            .layer(metrics.after_response_layer());
+        return metrics.run(runtime.run()).await;
+    }
     let handler = service_fn(move |event: LambdaEvent<Value>| {
         let proxy = proxy.clone();
         async move {
-            let invocation = Invocation {
-                request_id: event.context.request_id.clone(),
-                deadline_ms: event.context.deadline,
-            };
+            let invocation = invocation(&event.context);
             Ok::<Value, Error>(proxy.handle_event(event.payload, invocation).await)
         }
     });
@@ -48,4 +58,11 @@ async fn main() -> Result<(), Error> {
         .layer(layers::TracingLayer::new())
         .layer(metrics.after_response_layer());
     metrics.run(runtime.run()).await
+}
+
+fn invocation(context: &lambda_runtime::Context) -> Invocation {
+    Invocation {
+        request_id: context.request_id.clone(),
+        deadline_ms: context.deadline,
+    }
 }

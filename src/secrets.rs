@@ -25,6 +25,7 @@ use tokio::sync::Mutex;
 
 use crate::config::{ClientAuth, KeySource};
 use crate::retry::{Clock, SystemClock};
+use crate::upstreams::{UpstreamSpec, parse_upstreams};
 
 /// First wait after a failed read; doubled after each further failure, up to [`BACKOFF_MAX_MS`].
 pub const BACKOFF_MIN_MS: u64 = 1_000;
@@ -164,6 +165,8 @@ pub struct Secrets {
     /// API keys, one cell per secret ARN (the OpenAI key, and any other upstream's).
     keys: std::sync::Mutex<HashMap<String, SharedCell<Arc<str>>>>,
     proxy_tokens: Mutex<Cell<Arc<[String]>>>,
+    /// `UPSTREAMS_SECRET_ARN`'s list.
+    upstreams: Mutex<Cell<Arc<[UpstreamSpec]>>>,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -184,6 +187,7 @@ impl Secrets {
             ttl_ms: u64::MAX,
             keys: std::sync::Mutex::default(),
             proxy_tokens: Mutex::default(),
+            upstreams: Mutex::default(),
         }
     }
 
@@ -243,6 +247,38 @@ impl Secrets {
             Ok(Arc::from(key))
         };
         self.cached(&cell, setting, arn, rejected, within, read)
+            .await
+    }
+
+    /// The key of an `UPSTREAMS` entry with `api_key_secret_arn` (a raw key or JSON like the
+    /// OpenAI key's secret); with `rejected` (after that upstream's 401), read again.
+    pub async fn upstream_key(
+        &self,
+        source: &KeySource,
+        rejected: bool,
+        within: Duration,
+    ) -> Result<Arc<str>, SecretError> {
+        let arn = match source {
+            KeySource::Env(key) => return Ok(Arc::from(key.as_str())),
+            KeySource::SecretArn(arn) => arn,
+        };
+        self.key("UPSTREAMS", arn, rejected, within).await
+    }
+
+    /// The upstream list held by `UPSTREAMS_SECRET_ARN` (the same JSON as `UPSTREAMS`).
+    pub async fn upstreams(
+        &self,
+        arn: &str,
+        within: Duration,
+    ) -> Result<Arc<[UpstreamSpec]>, SecretError> {
+        const SETTING: &str = "UPSTREAMS_SECRET_ARN";
+        let read = |until| async move {
+            let raw = self.read(SETTING, arn, within, until).await?;
+            parse_upstreams(SETTING, &raw)
+                .map(Arc::from)
+                .map_err(|e| definite(SETTING, &e.problem))
+        };
+        self.cached(&self.upstreams, SETTING, arn, false, within, read)
             .await
     }
 

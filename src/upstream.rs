@@ -5,9 +5,13 @@ use std::error::Error as _;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use reqwest::header::HeaderValue;
 use reqwest::{Method, redirect};
+use tokio::time::Instant;
 
-use crate::retry::{AttemptOutcome, FailureKind, UpstreamReply};
+use crate::retry::{AttemptOutcome, FailureKind, SystemClock, TokioSleeper, UpstreamReply};
+use crate::stream::{ChunkSource, EventReader, await_first_event};
+use crate::upstreams::UpstreamSpec;
 
 /// Response headers worth keeping from the upstream (the rest are dropped).
 const KEPT_HEADERS: [&str; 6] = [
@@ -22,9 +26,17 @@ const KEPT_HEADERS: [&str; 6] = [
 #[derive(Clone, Debug)]
 pub struct UpstreamClient {
     http: reqwest::Client,
-    base_url: String,
     /// No answer body is read past this many bytes (Lambda's response limit).
     max_body_bytes: usize,
+}
+
+/// The configured part of a request that could not be built ([`UpstreamClient::unsendable_part`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnsendablePart {
+    BaseUrl,
+    Key,
+    Organization,
+    Project,
 }
 
 /// One request to forward (spec §2: only these headers go upstream).
@@ -37,14 +49,11 @@ pub struct ForwardRequest {
     pub content_type: Option<String>,
     pub idempotency_key: Option<String>,
     pub client_request_id: String,
-    pub organization: Option<String>,
-    pub project: Option<String>,
 }
 
 impl UpstreamClient {
     /// `max_body_bytes`: an answer body longer than this is not read (see [`UpstreamReply::oversized`]).
     pub fn new(
-        base_url: &str,
         connect_timeout_ms: u64,
         max_body_bytes: usize,
     ) -> Result<UpstreamClient, reqwest::Error> {
@@ -58,60 +67,183 @@ impl UpstreamClient {
             .build()?;
         Ok(UpstreamClient {
             http,
-            base_url: base_url.trim_end_matches('/').to_owned(),
             max_body_bytes,
         })
     }
 
-    /// Sends one attempt; never takes longer than `timeout_ms` (connect, headers and body).
-    pub async fn send(
+    /// Which part of a request to `upstream` that could not be built is at fault, if any
+    /// (else it is a bug): the base URL, the key, the organization or the project.
+    pub fn unsendable_part(
+        req: &ForwardRequest,
+        upstream: &UpstreamSpec,
+        api_key: &str,
+    ) -> Option<UnsendablePart> {
+        let header_ok = |v: &str| HeaderValue::from_str(v).is_ok();
+        let (_, auth) = upstream.kind.auth_header(api_key);
+        if reqwest::Url::parse(&format!("{}{}", upstream.base_url, req.path)).is_err() {
+            Some(UnsendablePart::BaseUrl)
+        } else if !header_ok(&auth) {
+            Some(UnsendablePart::Key)
+        } else if !upstream.organization.as_deref().is_none_or(header_ok) {
+            Some(UnsendablePart::Organization)
+        } else if !upstream.project.as_deref().is_none_or(header_ok) {
+            Some(UnsendablePart::Project)
+        } else {
+            None
+        }
+    }
+
+    /// The request for one attempt to `upstream` with its key (`Authorization: Bearer` for
+    /// OpenAI, `api-key` for Azure) and `body` (the request's, with the model the upstream
+    /// expects), without a timeout (the caller bounds it).
+    fn request(
         &self,
         req: &ForwardRequest,
+        upstream: &UpstreamSpec,
         api_key: &str,
-        timeout_ms: u64,
-    ) -> AttemptOutcome {
-        let timeout = Duration::from_millis(timeout_ms);
+        body: Bytes,
+    ) -> reqwest::RequestBuilder {
+        let (auth_name, auth_value) = upstream.kind.auth_header(api_key);
         let mut builder = self
             .http
-            .request(req.method.clone(), format!("{}{}", self.base_url, req.path))
-            .bearer_auth(api_key)
-            .header("x-client-request-id", &req.client_request_id)
-            .timeout(timeout);
+            .request(
+                req.method.clone(),
+                format!("{}{}", upstream.base_url, req.path),
+            )
+            .header(auth_name, auth_value)
+            .header("x-client-request-id", &req.client_request_id);
         if req.method == Method::POST {
             builder = builder
                 .header(
                     "content-type",
                     req.content_type.as_deref().unwrap_or("application/json"),
                 )
-                .body(req.body.clone());
+                .body(body);
         }
         for (name, value) in [
-            ("openai-organization", &req.organization),
-            ("openai-project", &req.project),
+            ("openai-organization", &upstream.organization),
+            ("openai-project", &upstream.project),
             ("idempotency-key", &req.idempotency_key),
         ] {
             if let Some(v) = value {
                 builder = builder.header(name, v);
             }
         }
+        builder
+    }
+
+    /// Sends one attempt (see [`UpstreamClient::request`]). Never takes longer than `timeout_ms`
+    /// (connect, headers and body).
+    pub async fn send(
+        &self,
+        req: &ForwardRequest,
+        upstream: &UpstreamSpec,
+        api_key: &str,
+        body: Bytes,
+        timeout_ms: u64,
+    ) -> AttemptOutcome {
+        let timeout = Duration::from_millis(timeout_ms);
+        let builder = self.request(req, upstream, api_key, body).timeout(timeout);
         // The outer timeout bounds the whole exchange, including reading the body.
         match tokio::time::timeout(timeout, exchange(builder, self.max_body_bytes)).await {
             Ok(outcome) => outcome,
-            Err(_) => AttemptOutcome::Failed {
-                kind: FailureKind::Timeout,
-                detail: format!("no complete answer within {timeout_ms} ms"),
-            },
+            Err(_) => timed_out(timeout_ms),
+        }
+    }
+
+    /// Sends one attempt of a `"stream": true` request (spec §10). A 2xx `text/event-stream`
+    /// answer is committed once its first SSE event is complete, within `timeout_ms`: the
+    /// outcome is then a 2xx reply with an empty body, and the stream comes back to be forwarded.
+    /// Anything else (an error status, a stream that breaks or stalls before its first event)
+    /// is an ordinary attempt outcome, read as [`UpstreamClient::send`] reads it.
+    pub async fn send_stream(
+        &self,
+        req: &ForwardRequest,
+        upstream: &UpstreamSpec,
+        api_key: &str,
+        body: Bytes,
+        timeout_ms: u64,
+    ) -> (AttemptOutcome, Option<LiveStream>) {
+        // No reqwest timeout: it would also cut the body after the commit.
+        let builder = self.request(req, upstream, api_key, body);
+        let until = Instant::now() + Duration::from_millis(timeout_ms);
+        let response = match tokio::time::timeout_at(until, builder.send()).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return (failed(e, false), None),
+            Err(_) => return (timed_out(timeout_ms), None),
+        };
+        let status = response.status().as_u16();
+        let is_sse = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
+        if !(200..300).contains(&status) || !is_sse {
+            let whole = reply(response, self.max_body_bytes);
+            return match tokio::time::timeout_at(until, whole).await {
+                Ok(outcome) => (outcome, None),
+                Err(_) => (timed_out(timeout_ms), None),
+            };
+        }
+        let headers = kept_headers(&response);
+        let mut reader = EventReader::new(UpstreamBody(response));
+        let left = until.saturating_duration_since(Instant::now()).as_millis() as u64;
+        let limit = crate::stream::STREAMED_RESPONSE_LIMIT;
+        match await_first_event(&mut reader, &SystemClock, &TokioSleeper, left, limit).await {
+            Ok(prefix) => {
+                let reply = UpstreamReply {
+                    status,
+                    headers,
+                    body: Bytes::new(),
+                    oversized: false,
+                };
+                let live = LiveStream { prefix, reader };
+                (AttemptOutcome::Reply(reply), Some(live))
+            }
+            Err((kind, detail)) => (AttemptOutcome::Failed { kind, detail }, None),
         }
     }
 }
 
+/// A committed upstream stream: the blocks up to its first event, and the reader for the rest.
+pub struct LiveStream {
+    pub prefix: Vec<Bytes>,
+    pub reader: EventReader<UpstreamBody>,
+}
+
+impl std::fmt::Debug for LiveStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveStream")
+            .field("prefix_events", &self.prefix.len())
+            .finish()
+    }
+}
+
+/// A streaming upstream body; dropping it closes the connection (nobody pays for unread tokens).
+pub struct UpstreamBody(reqwest::Response);
+
+impl ChunkSource for UpstreamBody {
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, String> {
+        self.0.chunk().await.map_err(describe)
+    }
+}
+
+fn timed_out(timeout_ms: u64) -> AttemptOutcome {
+    AttemptOutcome::Failed {
+        kind: FailureKind::Timeout,
+        detail: format!("no complete answer within {timeout_ms} ms"),
+    }
+}
+
 async fn exchange(builder: reqwest::RequestBuilder, max_body_bytes: usize) -> AttemptOutcome {
-    let response = match builder.send().await {
-        Ok(r) => r,
-        Err(e) => return failed(e, false),
-    };
-    let status = response.status().as_u16();
-    let headers = response
+    match builder.send().await {
+        Ok(response) => reply(response, max_body_bytes).await,
+        Err(e) => failed(e, false),
+    }
+}
+
+fn kept_headers(response: &reqwest::Response) -> Vec<(String, String)> {
+    response
         .headers()
         .iter()
         .filter(|(name, _)| {
@@ -119,7 +251,13 @@ async fn exchange(builder: reqwest::RequestBuilder, max_body_bytes: usize) -> At
             n.starts_with("x-ratelimit-") || KEPT_HEADERS.contains(&n)
         })
         .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
-        .collect();
+        .collect()
+}
+
+/// Reads a whole answer (no further than `max_body_bytes`).
+async fn reply(response: reqwest::Response, max_body_bytes: usize) -> AttemptOutcome {
+    let status = response.status().as_u16();
+    let headers = kept_headers(&response);
     // Buffered: a stream that breaks mid-way is a failed attempt the caller never saw.
     match read_capped(response, max_body_bytes).await {
         Ok(body) => AttemptOutcome::Reply(UpstreamReply {
@@ -155,7 +293,10 @@ async fn read_capped(
 fn failed(e: reqwest::Error, reading_body: bool) -> AttemptOutcome {
     // A connect timeout (CONNECT_TIMEOUT_MS) is a connect error, not the attempt's timeout:
     // reqwest flags it as both, and it leaves the rest of the budget for further attempts.
-    let kind = if e.is_connect() {
+    // A request that cannot be built fails the same way every time: final, never sent.
+    let kind = if e.is_builder() {
+        FailureKind::Unsendable
+    } else if e.is_connect() {
         FailureKind::Connect
     } else if e.is_timeout() {
         FailureKind::Timeout

@@ -554,3 +554,63 @@ async fn an_upstream_that_is_the_proxy_itself_is_a_config_error_not_a_loop() {
     assert_eq!(status(&resp), 200, "{resp}");
     assert_eq!(sim.requests().len(), 1);
 }
+
+/// A proxy whose settings were changed after parsing, the way a bug (or a future setting the
+/// parser does not check) could leave a value that cannot go in a request.
+fn proxy_with_settings(
+    sim: &Simulator,
+    change: impl FnOnce(&mut openai_lambda_proxy::config::Settings),
+) -> Arc<Proxy> {
+    let base = sim.base_url();
+    let pairs = [
+        ("OPENAI_BASE_URL", base.as_str()),
+        ("OPENAI_API_KEY", SERVER_KEY),
+        ("PROXY_API_KEYS", TOKEN_A),
+        ("METRICS_BACKEND", "none"),
+    ];
+    let mut settings = openai_lambda_proxy::config::Settings::from_lookup(|k| {
+        pairs
+            .iter()
+            .find(|(name, _)| *name == k)
+            .map(|(_, v)| v.to_string())
+    })
+    .unwrap();
+    change(&mut settings);
+    Arc::new(Proxy::new(
+        Ok(settings),
+        openai_lambda_proxy::secrets::Secrets::new(None),
+        Box::new(openai_lambda_proxy::telemetry::metrics::NoMetrics),
+    ))
+}
+
+#[tokio::test]
+async fn a_request_that_cannot_be_built_is_a_config_error_naming_the_setting_not_retried() {
+    let _logs = logs::check(&[SERVER_KEY, TOKEN_A]);
+    let sim = simulator().await;
+    let first = |s: &openai_lambda_proxy::config::Settings| match &s.upstreams {
+        openai_lambda_proxy::upstreams::UpstreamsSource::List(list) => list[0].clone(),
+        _ => unreachable!("a list from the §7 settings"),
+    };
+    let set_first = |s: &mut openai_lambda_proxy::config::Settings, spec| {
+        s.upstreams = openai_lambda_proxy::upstreams::UpstreamsSource::List(vec![spec]);
+    };
+    let p = proxy_with_settings(&sim, |s| {
+        let mut spec = first(s);
+        spec.organization = Some("org-\u{1}broken".into());
+        set_first(s, spec);
+    });
+    let (resp, _) = invoke(&p, chat_event(Some(&bearer(TOKEN_A)))).await;
+    assert_error_naming(&resp, 500, "config_error", "OPENAI_ORGANIZATION");
+    assert_eq!(header(&resp, "x-upstream-attempts"), None);
+    assert_eq!(header(&resp, "x-should-retry"), Some("false"));
+    assert!(sim.requests().is_empty(), "nothing was sent");
+
+    let p = proxy_with_settings(&sim, |s| {
+        let mut spec = first(s);
+        spec.project = Some("proj\nx".into());
+        set_first(s, spec);
+    });
+    let (resp, _) = invoke(&p, chat_event(Some(&bearer(TOKEN_A)))).await;
+    assert_error_naming(&resp, 500, "config_error", "OPENAI_PROJECT");
+    assert!(sim.requests().is_empty(), "nothing was sent");
+}

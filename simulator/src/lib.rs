@@ -9,7 +9,8 @@
 //! API routes (base `http://127.0.0.1:PORT/v1`): `POST /v1/chat/completions` (JSON, or SSE when
 //! the body has `"stream": true`), `POST /v1/completions` (likewise), `POST /v1/embeddings`,
 //! `POST /v1/responses` (SSE with `"stream": true`), `POST /v1/moderations`, `GET /v1/models`,
-//! `GET /v1/models/{id}`. Any other path answers 404 `Invalid URL (METHOD /path)`, and a POST
+//! `GET /v1/models/{id}`; the same below `/openai` (Azure OpenAI's v1 API shape,
+//! `/openai/v1/chat/completions`). Any other path answers 404 `Invalid URL (METHOD /path)`, and a POST
 //! route whose body is not a JSON object answers 400, both in OpenAI's error shape.
 //!
 //! Control routes (never scripted, never recorded): `PUT|POST /_sim/script` (body: a script,

@@ -302,6 +302,11 @@ pub(crate) fn route(method: &str, path: &str, body: &[u8], ctx: &Ctx<'_>) -> Rou
     } else {
         path
     };
+    // Azure OpenAI's v1 API: the same routes below `/openai` (`.../openai/v1/chat/completions`).
+    let path = path
+        .strip_prefix("/openai")
+        .filter(|p| p.starts_with("/v1/"))
+        .unwrap_or(path);
     let post_route = matches!(
         path,
         "/v1/chat/completions"

@@ -238,6 +238,30 @@ async fn ok_for_every_route() {
     sim.shutdown();
 }
 
+/// Azure OpenAI's v1 API shape: the same routes below `/openai`; other prefixes stay unknown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_v1_paths_are_served_too() {
+    let sim = Simulator::start(0).await.unwrap();
+    let r = call(&sim, "POST", "/openai/v1/chat/completions", CHAT).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["object"], "chat.completion");
+    assert_eq!(call(&sim, "GET", "/openai/v1/models", "").await.status, 200);
+    assert_eq!(
+        call(&sim, "POST", "/openai/chat/completions", CHAT)
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        call(&sim, "POST", "/azure/v1/chat/completions", CHAT)
+            .await
+            .status,
+        404
+    );
+    assert_eq!(sim.requests()[0].path, "/openai/v1/chat/completions");
+    sim.shutdown();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_route_and_bad_json() {
     let sim = Simulator::start(0).await.unwrap();

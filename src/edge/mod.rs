@@ -5,6 +5,8 @@
 pub mod request;
 pub mod response;
 pub mod routes;
+pub mod streaming;
+mod upstreams;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,18 +18,22 @@ use tracing::Instrument;
 
 use crate::auth;
 use crate::budget::{Budget, DeadlineSettings, GatewayKind};
-use crate::config::{self, ConfigError, KeySource, Settings};
+use crate::config::{self, ConfigError, DEFAULT_UPSTREAM, KeySource, Settings};
 use crate::retry::{
-    AttemptOutcome, AttemptRecord, Decision, Engine, FailureKind, FastRandJitter, GiveUpReason,
-    RetryPolicy, RetryRun, RunOutcome, SystemClock, TokioSleeper, UpstreamReply, epoch_ms,
+    AttemptOutcome, AttemptRecord, Decision, FailureKind, GiveUpReason, RetryRun, RunOutcome,
+    UpstreamReply, epoch_ms,
 };
 use crate::secrets::Secrets;
+use crate::stream::StreamOutcome;
 use crate::telemetry::logs;
 use crate::telemetry::metrics::{InvocationMetrics, MetricsSink};
-use crate::upstream::{ForwardRequest, UpstreamClient};
+use crate::upstream::{ForwardRequest, LiveStream, UnsendablePart, UpstreamClient};
+use crate::upstreams::breaker::Breakers;
+use crate::upstreams::latency::LatencyBook;
+use crate::upstreams::{MAX_UPSTREAMS, UpstreamSpec, UpstreamsSource};
 use request::{BodyError, GatewayEvent};
 use response::{ErrorCode, LAMBDA_RESPONSE_LIMIT, ProxyResponse, UpstreamSummary, seconds};
-use routes::{Route, RouteKind};
+use routes::RouteKind;
 
 const STATUS_PAGE: &str = "https://status.openai.com";
 
@@ -54,6 +60,9 @@ pub struct Proxy {
 struct Ready {
     settings: Settings,
     upstream: UpstreamClient,
+    /// Kept across warm invocations (and shared by concurrent ones), by position in the list.
+    breakers: Breakers,
+    latency: LatencyBook,
 }
 
 /// How an invocation ended, for the `outcome` log field.
@@ -69,7 +78,7 @@ enum Outcome {
     Rejected,
     ConfigError,
     Health,
-    /// The handler panicked (a bug): answered 500 `internal_error`.
+    /// A bug (the handler panicked, or a request it could not build): 500 `internal_error`.
     InternalError,
 }
 
@@ -103,6 +112,31 @@ struct Summary {
     code: Option<ErrorCode>,
     outcome: Outcome,
     attempts: Vec<AttemptRecord>,
+    /// §11: switches, an open breaker met, hopeless attempts skipped.
+    switches: u32,
+    circuit_open: bool,
+    skipped: u32,
+    /// The answer may be streamed for real (`RESPONSE_STREAM`, a `"stream": true` request on a
+    /// streaming route).
+    may_stream: bool,
+    /// The committed upstream stream, still to be forwarded.
+    live: Option<LiveStream>,
+}
+
+/// An event answered, before rendering (the response and what the log line needs).
+struct Answered {
+    kind: Option<GatewayKind>,
+    resp: ProxyResponse,
+    summary: Summary,
+    budget: Budget,
+    request_id: String,
+}
+
+/// How a stream went, for `request finished` (spec §10).
+struct StreamLog {
+    first_byte_ms: Option<u64>,
+    bytes: u64,
+    outcome: StreamOutcome,
 }
 
 impl Proxy {
@@ -112,16 +146,17 @@ impl Proxy {
         metrics: Box<dyn MetricsSink>,
     ) -> Proxy {
         let state = settings.and_then(|settings| {
-            UpstreamClient::new(
-                &settings.openai_base_url,
-                settings.connect_timeout_ms,
-                LAMBDA_RESPONSE_LIMIT,
-            )
-            .map(|upstream| Ready { settings, upstream })
-            .map_err(|_| ConfigError {
-                setting: "OPENAI_BASE_URL",
-                problem: "could not be used to build the HTTP client".into(),
-            })
+            UpstreamClient::new(settings.connect_timeout_ms, LAMBDA_RESPONSE_LIMIT)
+                .map(|upstream| Ready {
+                    breakers: Breakers::new(settings.breaker, MAX_UPSTREAMS),
+                    latency: LatencyBook::new(),
+                    settings,
+                    upstream,
+                })
+                .map_err(|_| ConfigError {
+                    setting: "OPENAI_BASE_URL",
+                    problem: "could not be used to build the HTTP client".into(),
+                })
         });
         if let Err(e) = &state {
             tracing::error!(setting = e.setting, problem = %e.problem, "configuration error: every proxied request will answer 500 config_error");
@@ -144,14 +179,7 @@ impl Proxy {
     /// 500 answer instead of a bare Lambda error, and still ends in one `request finished`
     /// line and one metrics record.
     pub async fn handle_event(self: &Arc<Self>, event: Value, invocation: Invocation) -> Value {
-        logs::begin_invocation(&invocation.request_id);
-        let span = tracing::info_span!("invocation", lambda_request_id = %invocation.request_id);
-        let ending = Arc::new(Ending {
-            started: epoch_ms(),
-            cold_start: self.cold_start.swap(false, Ordering::Relaxed),
-            logged: AtomicBool::new(false),
-            recorded: AtomicBool::new(false),
-        });
+        let (span, ending) = self.begin(&invocation);
         let parsed = GatewayEvent::parse(&event).map(|e| (e.kind, e.start_ms, e.path.clone()));
         let (proxy, inv, end) = (self.clone(), invocation.clone(), ending.clone());
         let task = tokio::spawn(
@@ -161,6 +189,33 @@ impl Proxy {
             Ok(v) => return v,
             Err(e) => e,
         };
+        let (kind, resp) = self.internal_error(e, parsed, &invocation, &ending, &span);
+        render(kind, resp)
+    }
+
+    /// The invocation's span and ending record (its start, and whether it was logged yet).
+    fn begin(&self, invocation: &Invocation) -> (tracing::Span, Arc<Ending>) {
+        logs::begin_invocation(&invocation.request_id);
+        let span = tracing::info_span!("invocation", lambda_request_id = %invocation.request_id);
+        let ending = Arc::new(Ending {
+            started: epoch_ms(),
+            cold_start: self.cold_start.swap(false, Ordering::Relaxed),
+            logged: AtomicBool::new(false),
+            recorded: AtomicBool::new(false),
+        });
+        (span, ending)
+    }
+
+    /// After the handler's task failed (a panic): the §5 500 answer, with its one `request
+    /// finished` line and metrics record if the handler had not written them yet.
+    fn internal_error(
+        &self,
+        e: tokio::task::JoinError,
+        parsed: Option<(GatewayKind, Option<u64>, String)>,
+        invocation: &Invocation,
+        ending: &Ending,
+        span: &tracing::Span,
+    ) -> (Option<GatewayKind>, ProxyResponse) {
         let _g = span.enter();
         tracing::error!(
             panic = e.is_panic(),
@@ -181,15 +236,36 @@ impl Proxy {
             code: Some(ErrorCode::InternalError),
             outcome: Outcome::InternalError,
             attempts: Vec::new(),
+            switches: 0,
+            circuit_open: false,
+            skipped: 0,
+            may_stream: false,
+            live: None,
         };
         let gateway = parsed.as_ref().map(|(kind, start, _)| (*kind, *start));
-        let budget = self.budget(&invocation, gateway, ending.started);
-        self.finish(id, &summary, &resp, &budget, &ending);
-        render(parsed.map(|(kind, _, _)| kind), resp)
+        let budget = self.budget(invocation, gateway, ending.started);
+        self.finish(id, &summary, &resp, &budget, ending, None);
+        (parsed.map(|(kind, _, _)| kind), resp)
     }
 
     /// Answers one event (no panic guard; see [`Proxy::handle_event`]).
     async fn handle(&self, event: &Value, invocation: &Invocation, ending: &Ending) -> Value {
+        let done = self.answer(event, invocation, ending, false).await;
+        let (id, summary, budget) = (&done.request_id, &done.summary, &done.budget);
+        self.finish(id, summary, &done.resp, budget, ending, None);
+        render(done.kind, done.resp)
+    }
+
+    /// The answer to one event; `may_stream`: a `"stream": true` request may be committed to a
+    /// real stream (then `summary.live` holds it and `resp` carries the prelude's status and
+    /// headers).
+    async fn answer(
+        &self,
+        event: &Value,
+        invocation: &Invocation,
+        ending: &Ending,
+        may_stream: bool,
+    ) -> Answered {
         let id = invocation.request_id.as_str();
         let parsed = GatewayEvent::parse(event);
         let gateway = parsed.as_ref().map(|e| (e.kind, e.start_ms));
@@ -202,6 +278,11 @@ impl Proxy {
             code: None,
             outcome: Outcome::Rejected,
             attempts: Vec::new(),
+            switches: 0,
+            circuit_open: false,
+            skipped: 0,
+            may_stream,
+            live: None,
         };
         let resp = match &parsed {
             Some(ev) => self.serve(ev, id, &budget, &mut summary).await,
@@ -215,9 +296,13 @@ impl Proxy {
                 )
             }
         };
-        let resp = finish_headers(resp, id);
-        self.finish(id, &summary, &resp, &budget, ending);
-        render(parsed.map(|e| e.kind), resp)
+        Answered {
+            kind: parsed.map(|e| e.kind),
+            resp: finish_headers(resp, id),
+            summary,
+            budget,
+            request_id: id.to_owned(),
+        }
     }
 
     /// The invocation's budget. Misconfigured: nothing goes upstream, but the default deadline
@@ -244,18 +329,24 @@ impl Proxy {
         resp: &ProxyResponse,
         budget: &Budget,
         ending: &Ending,
+        stream: Option<&StreamLog>,
     ) {
         let cold_start = ending.cold_start;
         if !ending.logged.swap(true, Ordering::SeqCst) {
             let elapsed_ms = epoch_ms().saturating_sub(ending.started);
-            log_finished(summary, resp, elapsed_ms, budget, cold_start);
+            log_finished(summary, resp, elapsed_ms, budget, cold_start, stream);
         }
         if summary.outcome != Outcome::Health && !ending.recorded.swap(true, Ordering::SeqCst) {
             let failed = summary.code.is_some_and(ErrorCode::is_upstream_failure);
-            self.metrics.record(
-                id,
-                InvocationMetrics::from_attempts(&summary.attempts, failed, cold_start),
-            );
+            let metrics = InvocationMetrics {
+                fallbacks: summary.switches.into(),
+                circuit_open: summary.circuit_open.into(),
+                attempts_skipped: summary.skipped.into(),
+                time_to_first_byte_ms: stream.and_then(|s| s.first_byte_ms).map(|ms| ms as f64),
+                streams_interrupted: stream.map_or(0, |s| u64::from(s.outcome.is_interrupted())),
+                ..InvocationMetrics::from_attempts(&summary.attempts, failed, cold_start)
+            };
+            self.metrics.record(id, metrics);
         }
     }
 
@@ -321,13 +412,6 @@ impl Proxy {
             Err(e) => return config_error(summary, id, e.setting, &e.problem),
         };
         let settings = &ready.settings;
-        if ev
-            .header("host")
-            .is_some_and(|host| config::is_own_host(&settings.openai_base_url, host))
-        {
-            let problem = "points at this proxy itself (the host this request arrived on), so every request would call the function again; set it to the upstream's URL";
-            return config_error(summary, id, "OPENAI_BASE_URL", problem);
-        }
         let within = budget.time_left(epoch_ms());
 
         match self.secrets.proxy_tokens(&settings.auth, within).await {
@@ -366,6 +450,7 @@ impl Proxy {
                 );
             }
         };
+        let mut stream = false;
         if route.method == "POST" {
             let value: Value = match serde_json::from_slice(&body) {
                 Ok(v) => v,
@@ -381,6 +466,8 @@ impl Proxy {
                     "Request body must be a JSON object.".into(),
                 );
             };
+            stream = object.get("stream") == Some(&Value::Bool(true));
+            summary.may_stream &= stream && route.streams();
             match object.get("model") {
                 Some(Value::String(m)) => summary.model = Some(m.clone()),
                 None if !model_required => {}
@@ -421,12 +508,28 @@ impl Proxy {
             }
         }
 
-        let key = match self
-            .secrets
-            .openai_key(&settings.openai_key, false, within)
-            .await
+        let list = match self.upstream_list(settings, within).await {
+            Ok(list) => list,
+            Err(e) => return config_error(summary, id, e.setting, &e.problem),
+        };
+        if let Some(host) = ev.header("host")
+            && let Some(own) = list.iter().find(|u| config::is_own_host(&u.base_url, host))
         {
-            Ok(k) => k,
+            let setting = match &settings.upstreams {
+                UpstreamsSource::List(l) if l.len() == 1 && l[0].name == DEFAULT_UPSTREAM => {
+                    "OPENAI_BASE_URL"
+                }
+                UpstreamsSource::List(_) => "UPSTREAMS",
+                UpstreamsSource::SecretArn(_) => "UPSTREAMS_SECRET_ARN",
+            };
+            let problem = format!(
+                "points at this proxy itself (upstream `{}` is the host this request arrived on), so every request would call the function again; set it to the upstream's URL",
+                own.name
+            );
+            return config_error(summary, id, setting, &problem);
+        }
+        let keys = match self.upstream_keys(settings, &list, None, within).await {
+            Ok(keys) => keys,
             Err(e) => return config_error(summary, id, e.setting, &e.problem),
         };
         let forward = ForwardRequest {
@@ -440,121 +543,66 @@ impl Proxy {
             content_type: ev.header("content-type").map(str::to_owned),
             idempotency_key: ev.header("idempotency-key").map(str::to_owned),
             client_request_id: id.to_owned(),
-            organization: settings.openai_organization.clone(),
-            project: settings.openai_project.clone(),
+        };
+        let routed = upstreams::Routed {
+            route,
+            forward: &forward,
+            list: &list,
+            models: summary
+                .model
+                .as_deref()
+                .map(|m| settings.model_fallbacks.chain(m)),
+            stream,
+            live: summary.may_stream.then(|| std::sync::Mutex::new(None)),
         };
         let run = self
-            .call_upstream(
-                ready,
-                route,
-                &forward,
-                key,
-                budget,
-                summary.model.as_deref(),
-            )
+            .call_upstream(ready, &routed, keys.clone(), budget)
             .await;
-        respond(run, id, budget, summary)
-    }
-
-    /// Runs the retry engine; after an upstream 401 with a key from Secrets Manager, fetches the
-    /// key again once (rotation) and retries with what is left of the attempts and the budget.
-    async fn call_upstream(
-        &self,
-        ready: &Ready,
-        route: &Route,
-        forward: &ForwardRequest,
-        key: Arc<str>,
-        budget: &Budget,
-        model: Option<&str>,
-    ) -> RetryRun {
-        let (settings, client) = (&ready.settings, &ready.upstream);
-        let engine = Engine {
-            policy: RetryPolicy {
-                max_attempts: settings.retry_max_attempts,
-                base_delay_ms: settings.retry_base_delay_ms,
-                max_delay_ms: settings.retry_max_delay_ms,
-            },
-            min_attempt_ms: settings.min_attempt_ms,
-            attempt_timeout_ms: settings.attempt_timeout_ms,
-        };
-        let attempt_with = |key: Arc<str>| {
-            move |plan: crate::retry::AttemptPlan| {
-                let key = key.clone();
-                async move { client.send(forward, &key, plan.timeout_ms).await }
+        if matches!(&run.outcome, RunOutcome::Answer(r) if (200..300).contains(&r.status)) {
+            summary.live = routed.take_live();
+        }
+        if let RunOutcome::Unsendable { detail } = &run.outcome {
+            tracing::error!(detail, "the request to the upstream could not be built");
+            let culprit = run.attempts.last().and_then(|a| {
+                let i = a.target.upstream;
+                let (spec, key) = (list.get(i)?, keys.get(i)?);
+                Some((spec, UpstreamClient::unsendable_part(&forward, spec, key)?))
+            });
+            if let Some((spec, part)) = culprit {
+                let setting = unsendable_setting(settings, spec, part);
+                let problem = "holds a value that cannot be sent in an HTTP request";
+                return config_error(summary, id, &setting, problem);
             }
-        };
-        let mut run = engine
-            .run(
-                budget.deadline_ms,
-                &SystemClock,
-                &TokioSleeper,
-                &mut FastRandJitter,
-                attempt_with(key.clone()),
-                |r| log_attempt(route, model, r, 0),
-            )
-            .await;
-        let rejected_key = matches!(&run.outcome, RunOutcome::Answer(r) if r.status == 401);
-        if !(rejected_key && matches!(settings.openai_key, KeySource::SecretArn(_))) {
-            return run;
         }
-        let within = budget.time_left(epoch_ms());
-        let Ok(fresh) = self
-            .secrets
-            .openai_key(&settings.openai_key, true, within)
-            .await
-        else {
-            return run;
-        };
-        if fresh == key {
-            // Not rotated: the same key would be rejected again.
-            tracing::warn!(
-                "upstream rejected the OpenAI key (401); the secret still holds the same key"
-            );
-            return run;
+        respond(run, &routed, id, budget, summary)
+    }
+}
+
+/// The setting that holds the part of a request that could not be built (nothing was sent or
+/// retried): the §7 setting for the default upstream, else the upstream's field in `UPSTREAMS`.
+fn unsendable_setting(settings: &Settings, spec: &UpstreamSpec, part: UnsendablePart) -> String {
+    let field = match (part, &spec.key) {
+        (UnsendablePart::BaseUrl, _) => "base_url",
+        (UnsendablePart::Key, KeySource::SecretArn(_)) => "api_key_secret_arn",
+        (UnsendablePart::Key, KeySource::Env(_)) => "api_key",
+        (UnsendablePart::Organization, _) => "organization",
+        (UnsendablePart::Project, _) => "project",
+    };
+    match &settings.upstreams {
+        UpstreamsSource::List(l) if l.len() == 1 && l[0].name == DEFAULT_UPSTREAM => {
+            match (part, &spec.key) {
+                (UnsendablePart::BaseUrl, _) => "OPENAI_BASE_URL",
+                (UnsendablePart::Key, KeySource::SecretArn(_)) => "OPENAI_API_KEY_SECRET_ARN",
+                (UnsendablePart::Key, KeySource::Env(_)) => "OPENAI_API_KEY",
+                (UnsendablePart::Organization, _) => "OPENAI_ORGANIZATION",
+                (UnsendablePart::Project, _) => "OPENAI_PROJECT",
+            }
+            .to_owned()
         }
-        // The retry with the new key spends from the same RETRY_MAX_ATTEMPTS (and deadline).
-        let offset = run.attempts.len() as u32;
-        let Some(left) = settings
-            .retry_max_attempts
-            .checked_sub(offset)
-            .filter(|n| *n > 0)
-        else {
-            tracing::warn!(
-                "upstream rejected the OpenAI key (401); fetched a new one from Secrets Manager for the next request (no attempt left for this one)"
-            );
-            return run;
-        };
-        tracing::warn!(
-            "upstream rejected the OpenAI key (401); fetched it again from Secrets Manager and retrying once"
-        );
-        let engine = Engine {
-            policy: RetryPolicy {
-                max_attempts: left,
-                ..engine.policy
-            },
-            ..engine
-        };
-        let second = engine
-            .run(
-                budget.deadline_ms,
-                &SystemClock,
-                &TokioSleeper,
-                &mut FastRandJitter,
-                attempt_with(fresh),
-                |r| log_attempt(route, model, r, offset),
-            )
-            .await;
-        if matches!(second.outcome, RunOutcome::NoTimeToStart { .. }) {
-            return run;
+        UpstreamsSource::List(_) => format!("UPSTREAMS (upstream `{}`, `{field}`)", spec.name),
+        UpstreamsSource::SecretArn(_) => {
+            format!("UPSTREAMS_SECRET_ARN (upstream `{}`, `{field}`)", spec.name)
         }
-        run.attempts
-            .extend(second.attempts.into_iter().map(|mut a| {
-                a.attempt += offset;
-                a
-            }));
-        run.outcome = second.outcome;
-        run.elapsed_ms = epoch_ms().saturating_sub(budget.started_ms);
-        run
     }
 }
 
@@ -568,7 +616,13 @@ fn config_error(summary: &mut Summary, id: &str, setting: &str, problem: &str) -
 }
 
 /// Turns the engine's result into the caller's answer (spec §5).
-fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> ProxyResponse {
+fn respond(
+    run: RetryRun,
+    req: &upstreams::Routed<'_>,
+    id: &str,
+    budget: &Budget,
+    summary: &mut Summary,
+) -> ProxyResponse {
     let upstream = UpstreamSummary {
         status: run.attempts.iter().rev().find_map(|a| a.status),
         attempts: run.attempts.len() as u32,
@@ -579,6 +633,7 @@ fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> P
             .filter_map(|a| a.upstream_request_id.clone())
             .collect(),
         last_error: None,
+        by_upstream: upstreams::by_upstream(&run.attempts, &req.names()),
     };
     let last_request_id = upstream.request_ids.last().cloned();
     let ids = if upstream.request_ids.is_empty() {
@@ -586,6 +641,10 @@ fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> P
     } else {
         upstream.request_ids.join(", ")
     };
+    (summary.switches, summary.circuit_open, summary.skipped) =
+        (run.switches, run.circuit_open, run.skipped);
+    let route_headers = upstreams::route_headers(&run, req);
+    let expected_ms = run.attempts.last().and_then(|a| a.expected_ms);
     summary.attempts = run.attempts;
     let (mut resp, last_reply) = match run.outcome {
         RunOutcome::Answer(reply) if matches!(reply.status, 401 | 403) => {
@@ -627,6 +686,9 @@ fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> P
             }
             (resp, Some(reply))
         }
+        RunOutcome::CircuitOpen { retry_after_ms } => {
+            (circuit_open(summary, upstream, retry_after_ms, id), None)
+        }
         RunOutcome::GaveUp {
             reason,
             last,
@@ -641,6 +703,7 @@ fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> P
                 reason,
                 &last,
                 retry_after_ms,
+                expected_ms,
                 &upstream,
                 &ids,
                 budget.budget_ms,
@@ -655,6 +718,19 @@ fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> P
                 AttemptOutcome::Failed { .. } => None,
             };
             (resp, reply)
+        }
+        RunOutcome::Unsendable { .. } => {
+            // Nothing reached the upstream: no attempt to count or report.
+            summary.attempts.clear();
+            summary.code = Some(ErrorCode::InternalError);
+            summary.outcome = Outcome::InternalError;
+            let resp = ProxyResponse::error(
+                ErrorCode::InternalError,
+                "The proxy could not build the request to OpenAI. This is a bug in the proxy, not in your request.",
+                None,
+                id,
+            );
+            (resp, None)
         }
         RunOutcome::NoTimeToStart { remaining_ms } => {
             let code = ErrorCode::UpstreamTimeout;
@@ -684,6 +760,37 @@ fn respond(run: RetryRun, id: &str, budget: &Budget, summary: &mut Summary) -> P
     if let Some(reply) = last_reply {
         pass_through_headers(&reply, &mut resp);
     }
+    for (name, value) in route_headers {
+        resp.set_header(name, value);
+    }
+    resp
+}
+
+/// 503 `upstream_circuit_open`: every upstream's breaker is open (§11).
+fn circuit_open(
+    summary: &mut Summary,
+    upstream: UpstreamSummary,
+    retry_after_ms: u64,
+    id: &str,
+) -> ProxyResponse {
+    let code = ErrorCode::UpstreamCircuitOpen;
+    summary.outcome = Outcome::UpstreamFailure;
+    summary.code = Some(code);
+    summary.circuit_open = true;
+    let secs = retry_after_ms.div_ceil(1000).max(1);
+    let tried = match upstream.attempts {
+        0 => "so no upstream was called".to_owned(),
+        n => format!(
+            "after {n} attempt{} (last: {})",
+            if n == 1 { "" } else { "s" },
+            upstream.last_error.as_deref().unwrap_or("none")
+        ),
+    };
+    let message = format!(
+        "Every upstream is failing: their circuit breakers are open (BREAKER_FAILURES retryable failures in a row), {tried}. The first one will be tried again in {secs} s; retry after that."
+    );
+    let mut resp = ProxyResponse::error(code, message, Some(&upstream), id);
+    resp.set_header("retry-after", secs.to_string());
     resp
 }
 
@@ -717,6 +824,7 @@ fn gave_up(
     reason: GiveUpReason,
     last: &AttemptOutcome,
     retry_after_ms: Option<u64>,
+    expected_ms: Option<u64>,
     upstream: &UpstreamSummary,
     ids: &str,
     budget_ms: u64,
@@ -741,6 +849,10 @@ fn gave_up(
             seconds(retry_after_ms.unwrap_or_default())
         ),
         GiveUpReason::DeadlineReached => format!("the proxy's {budget} time budget ran out"),
+        GiveUpReason::ExpectedLatencyExceedsBudget => format!(
+            "the next attempt was not started because successful attempts there recently took up to {}, more than the time left in the proxy's {budget} time budget (expected_latency_exceeds_budget)",
+            seconds(expected_ms.unwrap_or_default())
+        ),
     };
     match (reason, last) {
         (GiveUpReason::DeadlineReached, _) => (
@@ -826,12 +938,16 @@ fn printable(s: &str) -> String {
     out
 }
 
-fn log_attempt(route: &Route, model: Option<&str>, r: &AttemptRecord, offset: u32) {
+/// The `upstream attempt` line (§6, §11): `upstream` is the name, `model` the one asked for.
+fn log_attempt(req: &upstreams::Routed<'_>, names: &[String], r: &AttemptRecord, offset: u32) {
     let (status, error_kind) = (r.status, r.error_kind.map(FailureKind::as_str));
+    let model = req.model(r.target.model);
+    let upstream = names.get(r.target.upstream).map_or("", String::as_str);
     macro_rules! attempt_event {
         ($level:ident) => {
             tracing::$level!(
-                route = route.path,
+                route = req.route.path,
+                upstream,
                 json.model = %json!(model),
                 attempt = r.attempt + offset,
                 json.status = %json!(status),
@@ -842,6 +958,7 @@ fn log_attempt(route: &Route, model: Option<&str>, r: &AttemptRecord, offset: u3
                 reason = %r.reason,
                 json.next_delay_ms = %json!(r.next_delay_ms),
                 remaining_ms = r.remaining_ms,
+                json.expected_ms = %json!(r.expected_ms),
                 "upstream attempt"
             )
         };
@@ -858,7 +975,11 @@ fn log_finished(
     elapsed_ms: u64,
     budget: &Budget,
     cold_start: bool,
+    stream: Option<&StreamLog>,
 ) {
+    let first_byte_ms = stream.and_then(|st| st.first_byte_ms);
+    let stream_bytes = stream.map(|st| st.bytes);
+    let stream_outcome = stream.map(|st| st.outcome.as_str());
     let ids: Vec<&str> = s
         .attempts
         .iter()
@@ -877,6 +998,10 @@ fn log_finished(
                 budget_ms = budget.budget_ms,
                 json.upstream_request_ids = %json!(ids),
                 cold_start,
+                streamed = stream.is_some(),
+                json.first_byte_ms = %json!(first_byte_ms),
+                json.stream_bytes = %json!(stream_bytes),
+                json.stream_outcome = %json!(stream_outcome),
                 "request finished"
             )
         };

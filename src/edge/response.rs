@@ -20,6 +20,7 @@ pub enum ErrorCode {
     PayloadTooLarge,
     UpstreamResponseTooLarge,
     ConfigError,
+    UpstreamCircuitOpen,
     /// Not in the spec's table: the last-resort answer if the handler itself failed.
     InternalError,
 }
@@ -39,6 +40,7 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::ConfigError | ErrorCode::InternalError => 500,
+            ErrorCode::UpstreamCircuitOpen => 503,
         }
     }
 
@@ -57,6 +59,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::UpstreamResponseTooLarge => "upstream_response_too_large",
             ErrorCode::ConfigError => "config_error",
+            ErrorCode::UpstreamCircuitOpen => "upstream_circuit_open",
             ErrorCode::InternalError => "internal_error",
         }
     }
@@ -69,6 +72,7 @@ impl ErrorCode {
             | ErrorCode::UpstreamAuthFailed
             | ErrorCode::UpstreamResponseTooLarge
             | ErrorCode::ConfigError
+            | ErrorCode::UpstreamCircuitOpen
             | ErrorCode::InternalError => "server_error",
             ErrorCode::UpstreamRateLimited => "rate_limit_error",
             ErrorCode::Unauthorized => "authentication_error",
@@ -111,6 +115,8 @@ pub struct UpstreamSummary {
     pub elapsed_ms: u64,
     pub request_ids: Vec<String>,
     pub last_error: Option<String>,
+    /// Attempts per upstream name (§11).
+    pub by_upstream: Vec<(String, u32)>,
 }
 
 /// A response before it is shaped for the gateway that delivered the event.
@@ -151,6 +157,11 @@ impl ProxyResponse {
                 "elapsed_ms": u.elapsed_ms,
                 "request_ids": u.request_ids,
                 "last_error": u.last_error,
+                "by_upstream": u
+                    .by_upstream
+                    .iter()
+                    .map(|(name, n)| (name.clone(), json!(n)))
+                    .collect::<serde_json::Map<_, _>>(),
             });
         }
         error["lambda_request_id"] = json!(lambda_request_id);
@@ -225,6 +236,7 @@ mod tests {
                 "upstream_response_too_large",
             ),
             (ErrorCode::ConfigError, 500, "config_error"),
+            (ErrorCode::UpstreamCircuitOpen, 503, "upstream_circuit_open"),
         ];
         for (code, status, name) in table {
             assert_eq!((code.status(), code.as_str()), (status, name));
@@ -263,6 +275,7 @@ mod tests {
             elapsed_ms: 27_140,
             request_ids: vec!["req_abc".into(), "req_def".into()],
             last_error: Some("503 Service Unavailable".into()),
+            by_upstream: vec![("primary".into(), 2), ("azure-eu".into(), 2)],
         };
         let r = ProxyResponse::error(
             ErrorCode::UpstreamUnavailable,
@@ -277,7 +290,8 @@ mod tests {
             json!({"error": {"message": "down", "type": "server_error", "param": null,
                 "code": "upstream_unavailable",
                 "upstream": {"status": 503, "attempts": 4, "elapsed_ms": 27140,
-                             "request_ids": ["req_abc", "req_def"], "last_error": "503 Service Unavailable"},
+                             "request_ids": ["req_abc", "req_def"], "last_error": "503 Service Unavailable",
+                             "by_upstream": {"primary": 2, "azure-eu": 2}},
                 "lambda_request_id": "8f5c"}})
         );
         let plain = ProxyResponse::error(ErrorCode::NotFound, "nope", None, "id");

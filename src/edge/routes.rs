@@ -12,6 +12,14 @@ pub struct Route {
 }
 
 impl Route {
+    /// Whether a `"stream": true` request on this route answers with SSE (spec §10).
+    pub fn streams(&self) -> bool {
+        matches!(
+            self.path,
+            "/chat/completions" | "/completions" | "/responses"
+        )
+    }
+
     pub fn http_method(&self) -> Method {
         if self.method == "GET" {
             Method::GET

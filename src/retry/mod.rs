@@ -25,6 +25,9 @@ pub enum FailureKind {
     Timeout,
     /// Headers arrived but the body broke off (including a stream cut mid-way).
     IncompleteBody,
+    /// The request could not even be built (a value that cannot go in a URL or a header): a bug
+    /// or a configuration error, never sent and never retried.
+    Unsendable,
 }
 
 impl FailureKind {
@@ -34,6 +37,7 @@ impl FailureKind {
             FailureKind::Connection => "connection_error",
             FailureKind::Timeout => "timeout",
             FailureKind::IncompleteBody => "incomplete_body",
+            FailureKind::Unsendable => "request_not_built",
         }
     }
 }

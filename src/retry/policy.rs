@@ -5,7 +5,7 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use super::{AttemptOutcome, UpstreamReply};
+use super::{AttemptOutcome, FailureKind, UpstreamReply};
 
 /// Backoff settings (`RETRY_MAX_ATTEMPTS`, `RETRY_BASE_DELAY_MS`, `RETRY_MAX_DELAY_MS`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,6 +49,10 @@ pub enum Verdict {
 /// Classifies one attempt's outcome (spec §3).
 pub fn verdict(outcome: &AttemptOutcome) -> Verdict {
     match outcome {
+        AttemptOutcome::Failed {
+            kind: FailureKind::Unsendable,
+            ..
+        } => Verdict::Final("request could not be built"),
         AttemptOutcome::Failed { kind, .. } => Verdict::Retryable(kind.as_str()),
         AttemptOutcome::Reply(reply) => reply_verdict(reply),
     }
@@ -103,7 +107,6 @@ fn parse_non_negative(s: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::retry::FailureKind;
 
     fn reply(status: u16, headers: &[(&str, &str)], body: &str) -> UpstreamReply {
         UpstreamReply {
@@ -148,6 +151,13 @@ mod tests {
             };
             assert_eq!(verdict(&outcome), Verdict::Retryable(kind.as_str()));
         }
+        // A request that could not be built is a bug or a configuration error: retrying
+        // would fail the same way.
+        let unsendable = AttemptOutcome::Failed {
+            kind: FailureKind::Unsendable,
+            detail: String::new(),
+        };
+        assert!(matches!(verdict(&unsendable), Verdict::Final(_)));
     }
 
     #[test]

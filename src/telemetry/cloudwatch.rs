@@ -622,6 +622,7 @@ mod tests {
                 upstream_5xx: 2,
                 retries: 2,
                 upstream_latency_ms: vec![5.0, 6.0, 7.0],
+                time_to_first_byte_ms: Some(42.0),
                 ..Default::default()
             },
             at: SystemTime::now(),
@@ -638,6 +639,11 @@ mod tests {
         assert_eq!(get("Upstream429").value(), Some(0.0));
         assert_eq!(get("Upstream429").unit(), Some(&StandardUnit::Count));
         assert_eq!(get("UpstreamLatency").values(), [5.0, 6.0, 7.0]);
+        assert_eq!(get("TimeToFirstByte").value(), Some(42.0));
+        assert_eq!(
+            get("TimeToFirstByte").unit(),
+            Some(&StandardUnit::Milliseconds)
+        );
         assert_eq!(
             get("UpstreamLatency").unit(),
             Some(&StandardUnit::Milliseconds)

@@ -124,6 +124,7 @@ mod tests {
             upstream_5xx: 2,
             retries: 2,
             upstream_latency_ms: vec![15.0, 9.0, 40.0],
+            time_to_first_byte_ms: Some(120.0),
             cold_start: true,
             ..Default::default()
         }
@@ -158,7 +159,7 @@ mod tests {
             .collect();
         assert_eq!(names, METRIC_NAMES);
         for m in directive["Metrics"].as_array().unwrap() {
-            let unit = if m["Name"] == "UpstreamLatency" {
+            let unit = if m["Name"] == "UpstreamLatency" || m["Name"] == "TimeToFirstByte" {
                 "Milliseconds"
             } else {
                 "Count"
@@ -172,6 +173,8 @@ mod tests {
         assert_eq!(d["Retries"], 2);
         assert_eq!(d["ColdStart"], 1);
         assert_eq!(d["UpstreamLatency"], json!([15, 9, 40]));
+        assert_eq!(d["TimeToFirstByte"], 120);
+        assert_eq!(d["StreamsInterrupted"], 0);
         assert_eq!(d["lambda_request_id"], "req-1");
 
         // No attempt, no latency sample: the metric is neither declared nor valued.
@@ -182,7 +185,7 @@ mod tests {
                 .as_array()
                 .unwrap()
                 .len(),
-            METRIC_NAMES.len() - 1
+            METRIC_NAMES.len() - 2
         );
         assert_eq!(d["UpstreamFailures"], 0);
     }

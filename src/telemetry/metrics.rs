@@ -12,8 +12,18 @@ pub struct InvocationMetrics {
     pub upstream_connection_errors: u64,
     pub retries: u64,
     pub upstream_failures: u64,
+    /// §11: switches to another upstream or model.
+    pub fallbacks: u64,
+    /// §11: 1 when an open breaker made the request skip an upstream or refused it.
+    pub circuit_open: u64,
+    /// §11: attempts not started because they were hopeless.
+    pub attempts_skipped: u64,
     /// `UpstreamLatency`, one value per attempt, in ms.
     pub upstream_latency_ms: Vec<f64>,
+    /// `StreamsInterrupted` (spec §10): a committed stream ended early (cut, idle, deadline).
+    pub streams_interrupted: u64,
+    /// `TimeToFirstByte` (spec §10), ms: only for answers streamed for real.
+    pub time_to_first_byte_ms: Option<f64>,
     pub cold_start: bool,
 }
 
@@ -63,6 +73,10 @@ impl InvocationMetrics {
             count("UpstreamConnectionErrors", self.upstream_connection_errors),
             count("Retries", self.retries),
             count("UpstreamFailures", self.upstream_failures),
+            count("Fallbacks", self.fallbacks),
+            count("CircuitOpen", self.circuit_open),
+            count("AttemptsSkipped", self.attempts_skipped),
+            count("StreamsInterrupted", self.streams_interrupted),
         ];
         if !self.upstream_latency_ms.is_empty() {
             data.push(Datum {
@@ -71,13 +85,20 @@ impl InvocationMetrics {
                 values: self.upstream_latency_ms.clone(),
             });
         }
+        if let Some(ms) = self.time_to_first_byte_ms {
+            data.push(Datum {
+                name: "TimeToFirstByte",
+                unit: Unit::Milliseconds,
+                values: vec![ms],
+            });
+        }
         data.push(count("ColdStart", self.cold_start as u64));
         data
     }
 }
 
-/// Every metric name of §8, in the order [`InvocationMetrics::data`] emits them.
-pub const METRIC_NAMES: [&str; 9] = [
+/// Every metric name of §8, §10 and §11, in the order [`InvocationMetrics::data`] emits them.
+pub const METRIC_NAMES: [&str; 14] = [
     "Requests",
     "Upstream5xx",
     "Upstream429",
@@ -85,9 +106,17 @@ pub const METRIC_NAMES: [&str; 9] = [
     "UpstreamConnectionErrors",
     "Retries",
     "UpstreamFailures",
+    "Fallbacks",
+    "CircuitOpen",
+    "AttemptsSkipped",
+    "StreamsInterrupted",
     "UpstreamLatency",
+    "TimeToFirstByte",
     "ColdStart",
 ];
+
+/// The metrics only some invocations have a sample of (no empty samples in CloudWatch).
+pub const SAMPLED_METRICS: [&str; 2] = ["UpstreamLatency", "TimeToFirstByte"];
 
 /// The metrics dimension (§8).
 pub const DIMENSION: &str = "FunctionName";
@@ -143,6 +172,11 @@ mod tests {
     fn attempt(status: Option<u16>, kind: Option<FailureKind>, latency_ms: u64) -> AttemptRecord {
         AttemptRecord {
             attempt: 1,
+            target: crate::upstreams::fallback::Target {
+                upstream: 0,
+                model: 0,
+            },
+            expected_ms: None,
             status,
             error_kind: kind,
             latency_ms,
@@ -184,7 +218,9 @@ mod tests {
     #[test]
     fn data_has_every_count_even_zero_and_latency_per_attempt() {
         let attempts = [attempt(Some(503), None, 12), attempt(Some(200), None, 34)];
-        let m = InvocationMetrics::from_attempts(&attempts, false, false);
+        let mut m = InvocationMetrics::from_attempts(&attempts, false, false);
+        m.time_to_first_byte_ms = Some(56.0);
+        m.streams_interrupted = 1;
         let data = m.data();
         let names: Vec<&str> = data.iter().map(|d| d.name).collect();
         assert_eq!(names, METRIC_NAMES);
@@ -194,9 +230,30 @@ mod tests {
         assert_eq!(value("Upstream429"), [0.0]);
         assert_eq!(value("Retries"), [1.0]);
         assert_eq!(value("ColdStart"), [0.0]);
+        assert_eq!(value("Fallbacks"), [0.0]);
+        let routed = InvocationMetrics {
+            fallbacks: 2,
+            circuit_open: 1,
+            attempts_skipped: 1,
+            ..m.clone()
+        }
+        .data();
+        let routed_value = |name: &str| {
+            routed
+                .iter()
+                .find(|d| d.name == name)
+                .unwrap()
+                .values
+                .clone()
+        };
+        assert_eq!(routed_value("Fallbacks"), [2.0]);
+        assert_eq!(routed_value("CircuitOpen"), [1.0]);
+        assert_eq!(routed_value("AttemptsSkipped"), [1.0]);
         assert_eq!(value("UpstreamLatency"), [12.0, 34.0]);
+        assert_eq!(value("TimeToFirstByte"), [56.0]);
+        assert_eq!(value("StreamsInterrupted"), [1.0]);
         for d in &data {
-            let unit = if d.name == "UpstreamLatency" {
+            let unit = if SAMPLED_METRICS.contains(&d.name) {
                 Unit::Milliseconds
             } else {
                 Unit::Count
@@ -205,8 +262,21 @@ mod tests {
         }
 
         let rejected = InvocationMetrics::from_attempts(&[], false, true).data();
-        assert_eq!(rejected.len(), METRIC_NAMES.len() - 1);
-        assert!(rejected.iter().all(|d| d.name != "UpstreamLatency"));
+        assert_eq!(rejected.len(), METRIC_NAMES.len() - SAMPLED_METRICS.len());
+        assert!(rejected.iter().all(|d| !SAMPLED_METRICS.contains(&d.name)));
+        let zero = |name: &str| {
+            rejected
+                .iter()
+                .find(|d| d.name == name)
+                .unwrap()
+                .values
+                .clone()
+        };
+        assert_eq!(
+            zero("StreamsInterrupted"),
+            [0.0],
+            "zero counts are published too"
+        );
         assert_eq!(rejected.last().unwrap().values, [1.0]);
     }
 }

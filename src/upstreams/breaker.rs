@@ -8,6 +8,8 @@
 //! a success closes it, a retryable failure opens it again for twice the cooldown (at most
 //! [`MAX_COOLDOWN_MS`], or the configured cooldown if that is longer). While open or half-open,
 //! only the probe's result counts: late results of attempts started before it opened are ignored.
+//! (A request that was already running when every breaker opened carries on; its attempts
+//! report as probes, so its success closes the breaker and its failures change nothing.)
 
 use std::sync::Mutex;
 
@@ -146,7 +148,10 @@ impl Breaker {
                     State::Closed { failures }
                 }
             }
-            (State::HalfOpen { .. }, true, Report::Healthy) => State::Closed { failures: 0 },
+            // A probe, or a request that carried on while every breaker was open, got through.
+            (State::HalfOpen { .. } | State::Open { .. }, true, Report::Healthy) => {
+                State::Closed { failures: 0 }
+            }
             (State::HalfOpen { cooldown_ms }, true, Report::Failed) => {
                 let cooldown_ms = settings.next_cooldown(cooldown_ms);
                 State::Open {
@@ -192,19 +197,21 @@ impl Breakers {
         f(&mut guard)
     }
 
-    /// Which upstreams would admit an attempt at `now_ms`.
-    pub fn available(&self, now_ms: u64) -> Vec<bool> {
+    /// Which of the first `upstreams` would admit an attempt at `now_ms`.
+    pub fn available(&self, now_ms: u64, upstreams: usize) -> Vec<bool> {
         self.with(|s| {
             s.iter()
+                .take(upstreams)
                 .map(|b| b.is_available(&self.settings, now_ms))
                 .collect()
         })
     }
 
-    /// Milliseconds from `now_ms` until the first unavailable upstream could be tried again.
-    pub fn wait_until_first_reopens(&self, now_ms: u64) -> u64 {
+    /// Milliseconds from `now_ms` until the first of the first `upstreams` could be tried again.
+    pub fn wait_until_first_reopens(&self, now_ms: u64, upstreams: usize) -> u64 {
         self.with(|s| {
             s.iter()
+                .take(upstreams)
                 .map(|b| b.reopens_at(now_ms))
                 .min()
                 .unwrap_or(now_ms)
@@ -328,6 +335,15 @@ mod tests {
     }
 
     #[test]
+    fn a_request_carrying_on_while_open_closes_it_on_success_only() {
+        let b = fail(Breaker::default(), T0, 3);
+        let still = b.record(&S, T0 + 5, true, Report::Failed);
+        assert_eq!(still, b, "a failure changes nothing while open");
+        let closed = b.record(&S, T0 + 6, true, Report::Healthy);
+        assert_eq!(closed.admit(&S, T0 + 7).1, Admission::Allowed);
+    }
+
+    #[test]
     fn zero_failures_turns_it_off() {
         let off = BreakerSettings { failures: 0, ..S };
         let b = (0..100).fold(Breaker::default(), |b, _| {
@@ -356,17 +372,17 @@ mod tests {
 
     #[test]
     fn shared_breakers_report_availability_and_the_first_reopening() {
-        let bs = Breakers::new(S, 2);
+        let bs = Breakers::new(S, 3);
         for _ in 0..3 {
             bs.record(0, T0, false, Report::Failed);
         }
-        assert_eq!(bs.available(T0 + 1), [false, true]);
+        assert_eq!(bs.available(T0 + 1, 2), [false, true]);
         for _ in 0..3 {
             bs.record(1, T0 + 4_000, false, Report::Failed);
         }
-        assert_eq!(bs.available(T0 + 5_000), [false, false]);
-        assert_eq!(bs.wait_until_first_reopens(T0 + 5_000), 5_000);
-        assert_eq!(bs.available(T0 + 10_000), [true, false]);
+        assert_eq!(bs.available(T0 + 5_000, 2), [false, false]);
+        assert_eq!(bs.wait_until_first_reopens(T0 + 5_000, 2), 5_000);
+        assert_eq!(bs.available(T0 + 10_000, 2), [true, false]);
     }
 
     /// Many invocations at once, on real threads, right after the cooldown: exactly one probes.

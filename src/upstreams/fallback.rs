@@ -46,6 +46,8 @@ pub struct Rotation {
     /// Times the target changed after the first attempt.
     switches: u32,
     attempted: bool,
+    /// An upstream that would have been tried was skipped because its breaker was open.
+    skipped_open: bool,
 }
 
 impl Rotation {
@@ -61,6 +63,7 @@ impl Rotation {
             spent: vec![false; available.len()],
             switches: 0,
             attempted: false,
+            skipped_open: upstream > 0,
         })
     }
 
@@ -71,6 +74,11 @@ impl Rotation {
     /// How many times the run moved to another upstream or model (`x-proxy-fallbacks`).
     pub fn switches(&self) -> u32 {
         self.switches
+    }
+
+    /// Whether an open breaker made the run skip an upstream (the `CircuitOpen` metric).
+    pub fn skipped_open(&self) -> bool {
+        self.skipped_open
     }
 
     /// After a retryable failure on the current target. `at_once`: a 429 or a connect error.
@@ -94,12 +102,19 @@ impl Rotation {
     pub fn after_refusal(&self, available: &[bool]) -> (Rotation, Move) {
         let mut next = self.clone();
         next.spent[self.current.upstream] = true;
+        next.skipped_open = true;
         let mut available = available.to_vec();
         if let Some(a) = available.get_mut(self.current.upstream) {
             *a = false;
         }
-        let (next, mv) = next.away(&available);
-        (next, mv)
+        next.away(&available)
+    }
+
+    /// Goes back to `target` (where the last attempt went), e.g. when every breaker is open.
+    pub fn resume(mut self, target: Target) -> Rotation {
+        self.current = target;
+        self.in_a_row = 0;
+        self
     }
 
     /// Leaves the current target for the best other one.
@@ -131,6 +146,12 @@ impl Rotation {
                 Move::Restart,
             ),
         };
+        let passed_over = if mv == Move::Switch && target.model == self.current.model {
+            (0..target.upstream).any(|i| !open(i) && !self.spent[i])
+        } else {
+            (0..target.upstream).any(|i| !open(i))
+        };
+        self.skipped_open |= passed_over;
         if target.model != self.current.model || mv == Move::Restart {
             self.spent.iter_mut().for_each(|s| *s = false);
         }
@@ -199,6 +220,7 @@ mod tests {
     fn switches_after_two_failures_in_a_row() {
         let r = Rotation::start(&ALL, 1, 2).unwrap();
         let (steps, r) = walk(r, &[false, false, false, false], &ALL);
+        assert!(!r.skipped_open());
         assert_eq!(
             steps,
             [
@@ -221,8 +243,9 @@ mod tests {
     #[test]
     fn skips_upstreams_whose_breaker_is_open() {
         let r = Rotation::start(&ALL, 1, 1).unwrap();
-        let (steps, _) = walk(r, &[false], &[true, false, true]);
+        let (steps, r2) = walk(r, &[false], &[true, false, true]);
         assert_eq!(steps, [(t(2, 0), Move::Switch)]);
+        assert!(r2.skipped_open());
         // The current upstream's breaker opened meanwhile: leave it even before the threshold.
         let r = Rotation::start(&ALL, 1, 5).unwrap();
         let (steps, _) = walk(r, &[false], &[false, true, true]);

@@ -34,9 +34,16 @@ COUNT_METRICS = [
     "UpstreamConnectionErrors",
     "Retries",
     "UpstreamFailures",
+    "Fallbacks",
+    "CircuitOpen",
+    "AttemptsSkipped",
+    "StreamsInterrupted",
     "ColdStart",
 ]
+# Every metric a buffered invocation that called the upstream publishes (`TimeToFirstByte`
+# only comes with a real stream, INVOKE_MODE=RESPONSE_STREAM), in the order the code emits them.
 ALL_METRICS = COUNT_METRICS[:-1] + ["UpstreamLatency", "ColdStart"]
+STREAM_METRICS = ["TimeToFirstByte"]
 
 
 def binary(name: str) -> Path:

@@ -36,7 +36,7 @@ def test_dashboard_renders_to_json_with_the_widgets_an_operator_needs():
     rows = metric_rows(dash)
     ns = "OpenAIProxy"
     for metric in ("Requests", "UpstreamFailures", "Upstream5xx", "Upstream429", "UpstreamTimeouts",
-                   "UpstreamLatency", "Retries"):
+                   "UpstreamLatency", "Retries", "Fallbacks", "CircuitOpen", "AttemptsSkipped"):
         assert (ns, metric) in rows, metric
     for metric in ("Errors", "Duration", "Throttles", "ConcurrentExecutions"):
         assert ("AWS/Lambda", metric) in rows, metric
@@ -50,12 +50,12 @@ def test_dashboard_renders_to_json_with_the_widgets_an_operator_needs():
     assert dash_res["Properties"]["DashboardName"] == "openai-lambda-proxy-openai-proxy"
 
 
-def test_alarms_are_named_after_the_stack_and_cover_failures_and_latency():
+def test_alarms_are_named_after_the_stack_and_cover_failures_breakers_and_latency():
     alarms = cfn.resources_of_type(cfn.render(), "AWS::CloudWatch::Alarm")
     names = {a["Properties"]["AlarmName"] for a in alarms.values()}
     assert all(n.startswith("openai-lambda-proxy-") for n in names), names
     watched = {(a["Properties"]["MetricName"], a["Properties"].get("ExtendedStatistic")) for a in alarms.values()}
-    assert ("UpstreamFailures", None) in watched and ("UpstreamLatency", "p99") in watched
+    assert {("UpstreamFailures", None), ("CircuitOpen", None), ("UpstreamLatency", "p99")} <= watched
 
 
 def test_saved_queries_cover_what_operators_ask():

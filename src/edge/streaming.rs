@@ -1,0 +1,187 @@
+//! `INVOKE_MODE=RESPONSE_STREAM` (spec §10): every invocation answered in Lambda's streaming HTTP
+//! integration format — a JSON prelude (`statusCode`, `headers`, `cookies`), 8 NUL bytes (both
+//! written by `lambda_runtime`), then the body.
+//!
+//! A committed `"stream": true` answer is forwarded event by event by a task that outlives the
+//! handler: the runtime sends the prelude as soon as the handler returns, then every chunk this
+//! task hands over. Everything else (non-stream requests, errors before the commit) is its usual
+//! §5 answer as prelude + one body chunk.
+//!
+//! What Lambda lets us notice of a caller that went away: nothing directly. The body goes to the
+//! Runtime API over one HTTP request; when Lambda (or `cargo lambda watch`) stops accepting it,
+//! `lambda_runtime` drops the body and the next send here fails. The forwarding task then stops
+//! and drops the upstream connection, so OpenAI stops generating for nobody.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use lambda_runtime::streaming::{Body, Sender, channel};
+use lambda_runtime::{MetadataPrelude, StreamResponse};
+use serde_json::Value;
+use tracing::Instrument;
+
+use super::request::GatewayEvent;
+use super::response::ProxyResponse;
+use super::{Answered, Ending, Invocation, Proxy, StreamLog};
+use crate::retry::{SystemClock, TokioSleeper, epoch_ms};
+use crate::stream::{ApiFlavor, CallerGone, EventSink, StreamLimits, forward};
+use crate::upstream::LiveStream;
+
+impl Proxy {
+    /// Answers one event in the streaming format. Like [`Proxy::handle_event`], the work runs on
+    /// its own task so that even a panic becomes a §5 500 answer.
+    pub async fn handle_streaming_event(
+        self: &Arc<Self>,
+        event: Value,
+        invocation: Invocation,
+    ) -> StreamResponse<Body> {
+        let (span, ending) = self.begin(&invocation);
+        let parsed = GatewayEvent::parse(&event).map(|e| (e.kind, e.start_ms, e.path.clone()));
+        let (proxy, inv, end) = (self.clone(), invocation.clone(), ending.clone());
+        let task = tokio::spawn(
+            async move { proxy.answer(&event, &inv, &end, true).await }.instrument(span.clone()),
+        );
+        let mut done = match task.await {
+            Ok(done) => done,
+            Err(e) => {
+                let (_, resp) = self.internal_error(e, parsed, &invocation, &ending, &span);
+                return whole(resp);
+            }
+        };
+        match done.summary.live.take() {
+            Some(live) => self.start_stream(done, live, ending, span),
+            None => {
+                let _g = span.enter();
+                let (id, summary, budget) = (&done.request_id, &done.summary, &done.budget);
+                self.finish(id, summary, &done.resp, budget, &ending, None);
+                whole(done.resp)
+            }
+        }
+    }
+
+    /// Hands the prelude back and forwards the stream from a task of its own; `request finished`
+    /// is logged when the stream has ended.
+    fn start_stream(
+        self: &Arc<Self>,
+        done: Answered,
+        live: LiveStream,
+        ending: Arc<Ending>,
+        span: tracing::Span,
+    ) -> StreamResponse<Body> {
+        let (tx, body) = channel();
+        let metadata_prelude = prelude(&done.resp);
+        let idle_ms = self
+            .state
+            .as_ref()
+            .map_or(crate::stream::DEFAULT_IDLE_TIMEOUT_MS, |r| {
+                r.settings.stream_idle_timeout_ms
+            });
+        let limits = StreamLimits::new(idle_ms, done.budget.deadline_ms);
+        let flavor = if done.summary.route == "/responses" {
+            ApiFlavor::Responses
+        } else {
+            ApiFlavor::Chat
+        };
+        let proxy = self.clone();
+        let task = async move {
+            let mut sink = LambdaSink { tx, first_at: None };
+            let LiveStream { prefix, mut reader } = live;
+            let (clock, sleeper) = (&SystemClock, &TokioSleeper);
+            let report = forward(
+                prefix,
+                &mut reader,
+                &mut sink,
+                flavor,
+                limits,
+                clock,
+                sleeper,
+            )
+            .await;
+            // Close the upstream connection, then end the body, then log.
+            drop(reader);
+            let first_at = sink.first_at;
+            drop(sink);
+            if let Some(detail) = &report.detail {
+                tracing::warn!(
+                    stream_outcome = report.outcome.as_str(),
+                    caller_gone = report.caller_gone,
+                    detail = %detail,
+                    events = report.events,
+                    "stream ended early"
+                );
+            }
+            let log = StreamLog {
+                first_byte_ms: first_at.map(|t| t.saturating_sub(ending.started)),
+                bytes: report.bytes,
+                outcome: report.outcome,
+            };
+            let (id, summary, budget) = (&done.request_id, &done.summary, &done.budget);
+            proxy.finish(id, summary, &done.resp, budget, &ending, Some(&log));
+        };
+        tokio::spawn(task.instrument(span));
+        StreamResponse {
+            metadata_prelude,
+            stream: body,
+        }
+    }
+}
+
+/// The caller's side: `lambda_runtime`'s body channel (it holds one chunk: backpressure).
+struct LambdaSink {
+    tx: Sender,
+    /// Epoch ms of the first chunk handed to Lambda.
+    first_at: Option<u64>,
+}
+
+impl EventSink for LambdaSink {
+    async fn send(&mut self, bytes: Bytes) -> Result<(), CallerGone> {
+        self.tx.send_data(bytes).await.map_err(|_| CallerGone)?;
+        self.first_at.get_or_insert_with(epoch_ms);
+        Ok(())
+    }
+}
+
+/// The prelude for an answer: its status and headers, no cookies.
+fn prelude(resp: &ProxyResponse) -> MetadataPrelude {
+    let mut headers = HeaderMap::new();
+    for (name, value) in &resp.headers {
+        // Every header the proxy sets is valid; a value that is not is dropped, not a panic.
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            headers.append(n, v);
+        }
+    }
+    MetadataPrelude {
+        status_code: StatusCode::from_u16(resp.status).unwrap_or(StatusCode::BAD_GATEWAY),
+        headers,
+        cookies: Vec::new(),
+    }
+}
+
+/// A complete answer in the streaming format: prelude, then the whole body at once.
+fn whole(resp: ProxyResponse) -> StreamResponse<Body> {
+    StreamResponse {
+        metadata_prelude: prelude(&resp),
+        stream: Body::from(resp.body),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::edge::response::ErrorCode;
+
+    #[test]
+    fn the_prelude_carries_status_and_headers() {
+        let mut resp = ProxyResponse::error(ErrorCode::UpstreamUnavailable, "down", None, "req-1");
+        resp.set_header("x-upstream-attempts", "3");
+        let p = serde_json::to_value(prelude(&resp)).unwrap();
+        assert_eq!(p["statusCode"], 502);
+        assert_eq!(p["headers"]["x-upstream-attempts"], "3");
+        assert_eq!(p["headers"]["content-type"], "application/json");
+        assert_eq!(p["cookies"], serde_json::json!([]));
+    }
+}

@@ -1,0 +1,309 @@
+//! The §11 part of the edge: which upstreams serve a request and with which keys, the routed
+//! retry run (with the key refresh after a 401), and what the caller sees of it: the
+//! `x-proxy-*` headers and `upstream.by_upstream`. Never a URL, query string or key.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use super::routes::Route;
+use super::{Proxy, Ready, log_attempt};
+use crate::budget::Budget;
+use crate::config::{KeySource, Settings};
+use crate::retry::{
+    AttemptPlan, AttemptRecord, Engine, FastRandJitter, RetryPolicy, RetryRun, RunOutcome,
+    SystemClock, TokioSleeper, epoch_ms,
+};
+use crate::secrets::SecretError;
+use crate::upstream::{ForwardRequest, LiveStream};
+use crate::upstreams::routing::Router;
+use crate::upstreams::{UpstreamSpec, UpstreamsSource};
+
+/// The request as the routed run sees it.
+pub(super) struct Routed<'a> {
+    pub route: &'a Route,
+    pub forward: &'a ForwardRequest,
+    pub list: &'a [UpstreamSpec],
+    /// The requested model and its `MODEL_FALLBACKS`; `None` for a request without a model.
+    pub models: Option<Vec<String>>,
+    pub stream: bool,
+    /// Streamed for real (spec §10): each attempt may commit to a stream; the last committed one
+    /// is kept here.
+    pub live: Option<Mutex<Option<LiveStream>>>,
+}
+
+impl Routed<'_> {
+    pub fn names(&self) -> Vec<String> {
+        self.list.iter().map(|u| u.name.clone()).collect()
+    }
+
+    /// The committed stream, if the run ended on one.
+    pub fn take_live(&self) -> Option<LiveStream> {
+        let slot = self.live.as_ref()?;
+        slot.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// The model an attempt asks for (before the upstream's own model map).
+    pub fn model(&self, index: usize) -> Option<&str> {
+        self.models
+            .as_ref()
+            .and_then(|m| m.get(index))
+            .map(String::as_str)
+    }
+}
+
+impl Proxy {
+    /// The upstream list: from the settings, or read from `UPSTREAMS_SECRET_ARN`.
+    pub(super) async fn upstream_list(
+        &self,
+        settings: &Settings,
+        within: std::time::Duration,
+    ) -> Result<Arc<[UpstreamSpec]>, SecretError> {
+        match &settings.upstreams {
+            UpstreamsSource::List(list) => Ok(Arc::from(list.as_slice())),
+            UpstreamsSource::SecretArn(arn) => self.secrets.upstreams(arn, within).await,
+        }
+    }
+
+    /// Every upstream's key (cached); `rejected`: that upstream answered 401, read its key again.
+    pub(super) async fn upstream_keys(
+        &self,
+        settings: &Settings,
+        list: &[UpstreamSpec],
+        rejected: Option<usize>,
+        within: std::time::Duration,
+    ) -> Result<Vec<Arc<str>>, SecretError> {
+        let mut keys = Vec::with_capacity(list.len());
+        for (i, spec) in list.iter().enumerate() {
+            let again = rejected == Some(i);
+            // The §7 key keeps its own setting name (OPENAI_API_KEY_SECRET_ARN) in errors.
+            let key = match (&spec.key, &settings.openai_key) {
+                (KeySource::SecretArn(a), Some(KeySource::SecretArn(b))) if a == b => {
+                    self.secrets.openai_key(&spec.key, again, within).await?
+                }
+                _ => self.secrets.upstream_key(&spec.key, again, within).await?,
+            };
+            keys.push(key);
+        }
+        Ok(keys)
+    }
+
+    /// Runs the retry engine over the upstreams; after an upstream 401 with a key from Secrets
+    /// Manager, reads that key again once (rotation) and runs again with what is left.
+    pub(super) async fn call_upstream(
+        &self,
+        ready: &Ready,
+        req: &Routed<'_>,
+        keys: Vec<Arc<str>>,
+        budget: &Budget,
+    ) -> RetryRun {
+        let settings = &ready.settings;
+        let engine = Engine {
+            policy: RetryPolicy {
+                max_attempts: settings.retry_max_attempts,
+                base_delay_ms: settings.retry_base_delay_ms,
+                max_delay_ms: settings.retry_max_delay_ms,
+            },
+            min_attempt_ms: settings.min_attempt_ms,
+            attempt_timeout_ms: settings.attempt_timeout_ms,
+        };
+        let router = Router {
+            breakers: &ready.breakers,
+            latency: &ready.latency,
+            names: req.names(),
+            models: req.models.clone().unwrap_or_else(|| vec![String::new()]),
+            route: req.route.path,
+            stream: req.stream,
+            fallback_after: settings.fallback_after_failures,
+            skip_hopeless: settings.skip_hopeless_attempts,
+        };
+        let names = router.names.clone();
+        let run_with = |keys: Vec<Arc<str>>, offset: u32| {
+            let (router, names) = (&router, &names);
+            // A run after a key refresh spends from the same RETRY_MAX_ATTEMPTS (and deadline).
+            let engine = Engine {
+                policy: RetryPolicy {
+                    max_attempts: engine.policy.max_attempts.saturating_sub(offset),
+                    ..engine.policy
+                },
+                ..engine
+            };
+            async move {
+                engine
+                    .run_routed(
+                        budget.deadline_ms,
+                        &SystemClock,
+                        &TokioSleeper,
+                        &mut FastRandJitter,
+                        router,
+                        |plan| self.attempt(ready, req, &keys, plan),
+                        |r| log_attempt(req, names, r, offset),
+                    )
+                    .await
+            }
+        };
+        let mut run = run_with(keys.clone(), 0).await;
+        let rejected = match (&run.outcome, run.attempts.last()) {
+            (RunOutcome::Answer(r), Some(last)) if r.status == 401 => last.target.upstream,
+            _ => return run,
+        };
+        if !matches!(req.list[rejected].key, KeySource::SecretArn(_)) {
+            return run;
+        }
+        let within = budget.time_left(epoch_ms());
+        let Ok(fresh) = self
+            .upstream_keys(settings, req.list, Some(rejected), within)
+            .await
+        else {
+            return run;
+        };
+        if fresh[rejected] == keys[rejected] {
+            // Not rotated: the same key would be rejected again.
+            tracing::warn!(
+                upstream = %req.list[rejected].name,
+                "upstream rejected the key (401); the secret still holds the same key"
+            );
+            return run;
+        }
+        let offset = run.attempts.len() as u32;
+        if offset >= settings.retry_max_attempts {
+            tracing::warn!(
+                upstream = %req.list[rejected].name,
+                "upstream rejected the key (401); read a new one from Secrets Manager for the next request (no attempt left for this one)"
+            );
+            return run;
+        }
+        tracing::warn!(
+            upstream = %req.list[rejected].name,
+            "upstream rejected the key (401); read it again from Secrets Manager and retrying once"
+        );
+        let second = run_with(fresh, offset).await;
+        if matches!(second.outcome, RunOutcome::NoTimeToStart { .. }) {
+            return run;
+        }
+        run.attempts
+            .extend(second.attempts.into_iter().map(|mut a| {
+                a.attempt += offset;
+                a
+            }));
+        run.outcome = second.outcome;
+        run.switches += second.switches;
+        run.circuit_open |= second.circuit_open;
+        run.skipped += second.skipped;
+        run.elapsed_ms = epoch_ms().saturating_sub(budget.started_ms);
+        run
+    }
+
+    /// One attempt: the planned upstream, its key, and the body with the model it expects.
+    fn attempt<'a>(
+        &'a self,
+        ready: &'a Ready,
+        req: &'a Routed<'_>,
+        keys: &[Arc<str>],
+        plan: AttemptPlan,
+    ) -> impl Future<Output = crate::retry::AttemptOutcome> + 'a {
+        let spec = &req.list[plan.target.upstream];
+        let key = keys[plan.target.upstream].clone();
+        let body = match req.model(plan.target.model) {
+            Some(model) => with_model(&req.forward.body, spec.upstream_model(model)),
+            None => req.forward.body.clone(),
+        };
+        async move {
+            let client = &ready.upstream;
+            let Some(live) = &req.live else {
+                return client
+                    .send(req.forward, spec, &key, body, plan.timeout_ms)
+                    .await;
+            };
+            let (outcome, stream) = client
+                .send_stream(req.forward, spec, &key, body, plan.timeout_ms)
+                .await;
+            *live.lock().unwrap_or_else(|e| e.into_inner()) = stream;
+            outcome
+        }
+    }
+}
+
+/// The request body with `model` set to `model`; the same bytes when it already is.
+pub(super) fn with_model(body: &Bytes, model: &str) -> Bytes {
+    let Ok(Value::Object(mut object)) = serde_json::from_slice::<Value>(body) else {
+        return body.clone();
+    };
+    if object.get("model").and_then(Value::as_str) == Some(model) {
+        return body.clone();
+    }
+    object.insert("model".into(), Value::String(model.to_owned()));
+    Bytes::from(Value::Object(object).to_string())
+}
+
+/// Attempts per upstream name, in list order, only upstreams that were tried.
+pub(super) fn by_upstream(attempts: &[AttemptRecord], names: &[String]) -> Vec<(String, u32)> {
+    names
+        .iter()
+        .enumerate()
+        .filter_map(|(i, name)| {
+            let n = attempts.iter().filter(|a| a.target.upstream == i).count() as u32;
+            (n > 0).then(|| (name.clone(), n))
+        })
+        .collect()
+}
+
+/// `x-proxy-upstream` (the upstream that answered or was tried last), `x-proxy-fallbacks` and,
+/// when a fallback model answered, `x-proxy-model`. None when no upstream was called.
+pub(super) fn route_headers(run: &RetryRun, req: &Routed<'_>) -> Vec<(&'static str, String)> {
+    let Some(last) = run.attempts.last() else {
+        return Vec::new();
+    };
+    let mut headers = vec![("x-proxy-fallbacks", run.switches.to_string())];
+    if let Some(spec) = req.list.get(last.target.upstream) {
+        headers.push(("x-proxy-upstream", spec.name.clone()));
+    }
+    if let (RunOutcome::Answer(_), true) = (&run.outcome, last.target.model > 0)
+        && let Some(model) = req.model(last.target.model)
+    {
+        headers.push(("x-proxy-model", model.to_owned()));
+    }
+    headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstreams::fallback::Target;
+
+    #[test]
+    fn the_model_is_rewritten_only_when_it_differs() {
+        let body = Bytes::from(r#"{"model":"gpt-4o","messages":[],"stream":true}"#);
+        assert_eq!(with_model(&body, "gpt-4o"), body);
+        let v: Value = serde_json::from_slice(&with_model(&body, "my-deployment")).unwrap();
+        assert_eq!(v["model"], "my-deployment");
+        assert_eq!(v["stream"], true);
+        assert_eq!(v["messages"], serde_json::json!([]));
+        let not_json = Bytes::from("nope");
+        assert_eq!(with_model(&not_json, "x"), not_json);
+    }
+
+    #[test]
+    fn attempts_are_counted_per_upstream_name() {
+        let record = |upstream| AttemptRecord {
+            attempt: 1,
+            target: Target { upstream, model: 0 },
+            status: Some(500),
+            error_kind: None,
+            latency_ms: 1,
+            upstream_request_id: None,
+            decision: crate::retry::Decision::Retry,
+            reason: String::new(),
+            next_delay_ms: None,
+            remaining_ms: 0,
+            expected_ms: None,
+        };
+        let names = ["a".to_owned(), "b".to_owned(), "c".to_owned()];
+        let attempts = [record(0), record(0), record(2)];
+        assert_eq!(
+            by_upstream(&attempts, &names),
+            [("a".to_owned(), 2), ("c".to_owned(), 1)]
+        );
+    }
+}
