@@ -27,8 +27,10 @@ pub use edge::{Invocation, Proxy};
 //   and says how the run ended ([`RunOutcome`]); clock, sleep and randomness are injected
 //   ([`SystemClock`], [`TokioSleeper`], [`FastRandJitter`] in production);
 // - the upstream client: [`UpstreamClient::send`] is one attempt, one HTTP exchange with an
-//   OpenAI-compatible API, classified into an [`AttemptOutcome`] the engine understands.
+//   OpenAI-compatible API ([`UpstreamSpec`]: base URL, OpenAI or Azure auth), classified into an
+//   [`AttemptOutcome`] the engine understands.
 pub use budget::{Budget, DeadlineSettings, GatewayKind};
+pub use config::KeySource;
 /// The retry engine (`retry::Engine`): its settings and [`RetryEngine::run`], the loop.
 pub use retry::Engine as RetryEngine;
 pub use retry::{
@@ -36,3 +38,4 @@ pub use retry::{
     RetryPolicy, RetryRun, RunOutcome, Sleeper, SystemClock, TokioSleeper, UpstreamReply, epoch_ms,
 };
 pub use upstream::{ForwardRequest, UpstreamClient};
+pub use upstreams::{UpstreamKind, UpstreamSpec};
