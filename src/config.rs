@@ -276,20 +276,11 @@ impl Settings {
             .map(|raw| ModelFallbacks::parse(&raw))
             .transpose()?
             .unwrap_or_default();
-        let breaker_defaults = BreakerSettings::default();
+        // The defaults are BreakerSettings::default() (a test checks), written out for the
+        // template test that reads them from here.
         let breaker = BreakerSettings {
-            failures: env.number(
-                "BREAKER_FAILURES",
-                breaker_defaults.failures.into(),
-                0,
-                1000,
-            )? as u32,
-            cooldown_ms: env.number(
-                "BREAKER_COOLDOWN_MS",
-                breaker_defaults.cooldown_ms,
-                1,
-                FIFTEEN_MINUTES_MS,
-            )?,
+            failures: env.number("BREAKER_FAILURES", 5, 0, 1000)? as u32,
+            cooldown_ms: env.number("BREAKER_COOLDOWN_MS", 10_000, 1, FIFTEEN_MINUTES_MS)?,
         };
         Ok(Settings {
             openai_base_url,

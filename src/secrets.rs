@@ -58,6 +58,10 @@ pub struct Cell<T> {
     /// The value and when it was read (clock ms).
     value: Option<(T, u64)>,
     failure: Option<Failure>,
+    /// Reads after an upstream rejected the value that found the same value again: the next
+    /// rejection reads no sooner than `retry_at_ms` (a revoked key would otherwise make every
+    /// request read Secrets Manager).
+    rejections: Option<Backoff>,
 }
 
 impl<T> Default for Cell<T> {
@@ -65,6 +69,24 @@ impl<T> Default for Cell<T> {
         Cell {
             value: None,
             failure: None,
+            rejections: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Backoff {
+    consecutive: u32,
+    retry_at_ms: u64,
+}
+
+impl Backoff {
+    /// One more, at `now_ms`.
+    fn next(previous: Option<Backoff>, now_ms: u64) -> Backoff {
+        let consecutive = previous.map_or(0, |b| b.consecutive) + 1;
+        Backoff {
+            consecutive,
+            retry_at_ms: now_ms.saturating_add(backoff_ms(consecutive)),
         }
     }
 }
@@ -93,9 +115,11 @@ pub fn backoff_ms(consecutive: u32) -> u64 {
     (BACKOFF_MIN_MS << doublings).min(BACKOFF_MAX_MS)
 }
 
-/// Pure: what a request at `now_ms` does. A value is used while younger than `ttl_ms` (and not
-/// `stale`, i.e. rejected upstream); after a failure nothing is read before its backoff passed.
+/// Pure: what a request at `now_ms` does. A value is used while younger than `ttl_ms` and not
+/// `stale` (rejected upstream); after a failure nothing is read before its backoff passed, and
+/// after a rejection that found the same value, no rejection reads before its backoff passed.
 pub fn step<T: Clone>(cell: &Cell<T>, now_ms: u64, ttl_ms: u64, stale: bool) -> Step<T> {
+    let rejections_wait = cell.rejections.is_some_and(|b| now_ms < b.retry_at_ms);
     if let Some(f) = &cell.failure
         && now_ms < f.retry_at_ms
     {
@@ -105,29 +129,40 @@ pub fn step<T: Clone>(cell: &Cell<T>, now_ms: u64, ttl_ms: u64, stale: bool) -> 
         };
     }
     match &cell.value {
-        Some((v, read_at)) if !stale && now_ms.saturating_sub(*read_at) < ttl_ms => {
+        Some((v, read_at))
+            if (!stale || rejections_wait) && now_ms.saturating_sub(*read_at) < ttl_ms =>
+        {
             Step::Use(v.clone())
         }
         _ => Step::Read,
     }
 }
 
-/// Pure: the cell after a read that ended at `now_ms`, and the request's answer. A transient
-/// failure keeps the value read before in use (Secrets Manager being down does not take the
-/// proxy down); a definite one drops it.
+/// Pure: the cell after a read that ended at `now_ms` (made because the value was `stale`, or
+/// not; `same` tells whether it found the value it had), and the request's answer. A transient failure keeps the value read before in use
+/// (Secrets Manager being down does not take the proxy down); a definite one drops it.
 pub fn settle<T: Clone>(
     cell: Cell<T>,
     read: Result<T, SecretError>,
     now_ms: u64,
+    stale: bool,
+    same: fn(&T, &T) -> bool,
 ) -> (Cell<T>, Result<T, SecretError>) {
     match read {
-        Ok(v) => (
-            Cell {
+        Ok(v) => {
+            let same = cell.value.as_ref().is_some_and(|(old, _)| same(old, &v));
+            let rejections = match (same, stale) {
+                (false, _) => None,
+                (true, true) => Some(Backoff::next(cell.rejections, now_ms)),
+                (true, false) => cell.rejections,
+            };
+            let cell = Cell {
                 value: Some((v.clone(), now_ms)),
                 failure: None,
-            },
-            Ok(v),
-        ),
+                rejections,
+            };
+            (cell, Ok(v))
+        }
         Err(error) => {
             let consecutive = cell.failure.as_ref().map_or(0, |f| f.consecutive) + 1;
             let value = cell.value.filter(|_| error.transient);
@@ -143,6 +178,7 @@ pub fn settle<T: Clone>(
             let cell = Cell {
                 value,
                 failure: Some(failure),
+                rejections: cell.rejections,
             };
             (cell, answer)
         }
@@ -246,7 +282,7 @@ impl Secrets {
             }
             Ok(Arc::from(key))
         };
-        self.cached(&cell, setting, arn, rejected, within, read)
+        self.cached(&cell, setting, arn, (rejected, |a, b| a == b), within, read)
             .await
     }
 
@@ -278,8 +314,15 @@ impl Secrets {
                 .map(Arc::from)
                 .map_err(|e| definite(SETTING, &e.problem))
         };
-        self.cached(&self.upstreams, SETTING, arn, false, within, read)
-            .await
+        self.cached(
+            &self.upstreams,
+            SETTING,
+            arn,
+            (false, |_, _| false),
+            within,
+            read,
+        )
+        .await
     }
 
     /// The proxy tokens callers must present; `None` when auth is off.
@@ -301,19 +344,27 @@ impl Secrets {
             }
             Ok(Arc::from(tokens))
         };
-        self.cached(&self.proxy_tokens, SETTING, arn, false, within, read)
-            .await
-            .map(Some)
+        self.cached(
+            &self.proxy_tokens,
+            SETTING,
+            arn,
+            (false, |a, b| a == b),
+            within,
+            read,
+        )
+        .await
+        .map(Some)
     }
 
     /// One cell's way through [`step`], the read if needed, and [`settle`]. Concurrent requests
-    /// wait for one read (each no longer than its own `within`) and share its result.
+    /// wait for one read (each no longer than its own `within`) and share its result. `stale`:
+    /// whether the value was rejected upstream, and how to tell a read found the same one.
     async fn cached<T, F, Fut>(
         &self,
         cell: &Mutex<Cell<T>>,
         setting: &'static str,
         arn: &str,
-        stale: bool,
+        (stale, same): (bool, fn(&T, &T) -> bool),
         within: Duration,
         read: F,
     ) -> Result<T, SecretError>
@@ -333,7 +384,8 @@ impl Secrets {
         }
         let result = read(until).await;
         let failed = result.is_err();
-        let (next, answer) = settle(std::mem::take(&mut *guard), result, self.clock.now_ms());
+        let now = self.clock.now_ms();
+        let (next, answer) = settle(std::mem::take(&mut *guard), result, now, stale, same);
         if let (true, Some(f)) = (failed, &next.failure) {
             log_failure(arn, f, next.value.is_some());
         }
@@ -544,7 +596,7 @@ mod tests {
     fn a_failed_read_is_refused_without_a_call_until_its_backoff_passed() {
         let cell: Cell<u32> = Cell::default();
         assert_eq!(step(&cell, 0, u64::MAX, false), Step::Read);
-        let (cell, answer) = settle(cell, Err(failed(false)), 0);
+        let (cell, answer) = settle(cell, Err(failed(false)), 0, false, u32::eq);
         assert_eq!(answer, Err(failed(false)));
         assert_eq!(
             step(&cell, 999, u64::MAX, false),
@@ -555,17 +607,17 @@ mod tests {
             Step::Refuse(failed(false))
         );
         assert_eq!(step(&cell, 1_000, u64::MAX, false), Step::Read);
-        let (cell, _) = settle(cell, Err(failed(false)), 1_000);
+        let (cell, _) = settle(cell, Err(failed(false)), 1_000, false, u32::eq);
         assert_eq!(
             step(&cell, 2_999, u64::MAX, false),
             Step::Refuse(failed(false))
         );
         assert_eq!(step(&cell, 3_000, u64::MAX, false), Step::Read);
         // A good read clears the failures: the next one waits 1 s again.
-        let (cell, answer) = settle(cell, Ok(7), 3_000);
+        let (cell, answer) = settle(cell, Ok(7), 3_000, false, u32::eq);
         assert_eq!(answer, Ok(7));
         assert_eq!(step(&cell, 3_001, u64::MAX, false), Step::Use(7));
-        let (cell, _) = settle(cell, Err(failed(false)), 4_000);
+        let (cell, _) = settle(cell, Err(failed(false)), 4_000, false, u32::eq);
         assert_eq!(
             step(&cell, 4_999, u64::MAX, false),
             Step::Refuse(failed(false))
@@ -581,7 +633,7 @@ mod tests {
         for now in (0..600_000).step_by(10) {
             if step(&cell, now, u64::MAX, false) == Step::Read {
                 reads.push(now);
-                cell = settle(cell, Err(failed(false)), now).0;
+                cell = settle(cell, Err(failed(false)), now, false, u32::eq).0;
             }
         }
         assert_eq!(reads[..6], [0, 1_000, 3_000, 7_000, 15_000, 31_000]);
@@ -599,12 +651,12 @@ mod tests {
 
     #[test]
     fn outages_keep_the_value_read_before_definite_answers_drop_it() {
-        let (cell, _) = settle(Cell::default(), Ok(1), 0);
-        let (kept, answer) = settle(cell.clone(), Err(failed(true)), 10);
+        let (cell, _) = settle(Cell::default(), Ok(1), 0, false, u32::eq);
+        let (kept, answer) = settle(cell.clone(), Err(failed(true)), 10, false, u32::eq);
         assert_eq!(answer, Ok(1));
         assert_eq!(step(&kept, 11, 5, false), Step::Use(1));
         assert_eq!(step(&kept, 1_010, 5, false), Step::Read);
-        let (dropped, answer) = settle(cell, Err(failed(false)), 10);
+        let (dropped, answer) = settle(cell, Err(failed(false)), 10, false, u32::eq);
         assert_eq!(answer, Err(failed(false)));
         assert_eq!(
             step(&dropped, 11, u64::MAX, false),
@@ -614,13 +666,33 @@ mod tests {
 
     #[test]
     fn values_are_used_while_younger_than_the_ttl_or_until_rejected() {
-        let (cell, _) = settle(Cell::default(), Ok(1), 1_000);
+        let (cell, _) = settle(Cell::default(), Ok(1), 1_000, false, u32::eq);
         assert_eq!(step(&cell, 1_000 + 299_999, 300_000, false), Step::Use(1));
         assert_eq!(step(&cell, 1_000 + 300_000, 300_000, false), Step::Read);
         assert_eq!(step(&cell, 1_001, 300_000, true), Step::Read);
         assert_eq!(step(&cell, u64::MAX, u64::MAX, false), Step::Use(1));
         // A clock that stepped back never makes a value look older.
         assert_eq!(step(&cell, 0, 300_000, false), Step::Use(1));
+    }
+
+    #[test]
+    fn a_key_rejected_again_and_again_is_read_a_few_times_a_minute() {
+        // The key was revoked at OpenAI but the secret still holds it: every request gets a
+        // 401 and asks for the key again, once every 10 ms for a minute of virtual time.
+        let (mut cell, _) = settle(Cell::default(), Ok(1), 0, false, u32::eq);
+        let mut reads = Vec::new();
+        for now in (10..60_000).step_by(10) {
+            if step(&cell, now, 300_000, true) == Step::Read {
+                reads.push(now);
+                cell = settle(cell, Ok(1), now, true, u32::eq).0;
+            }
+        }
+        assert_eq!(reads, [10, 1_010, 3_010, 7_010, 15_010, 31_010]);
+        // Other requests use the key meanwhile; a rotated key ends the backoff at once.
+        assert_eq!(step(&cell, 31_011, 300_000, false), Step::Use(1));
+        let (cell, answer) = settle(cell, Ok(2), 61_010, true, u32::eq);
+        assert_eq!(answer, Ok(2));
+        assert_eq!(step(&cell, 61_011, 300_000, true), Step::Read);
     }
 
     #[test]

@@ -298,6 +298,66 @@ async fn the_retry_after_a_key_refresh_spends_from_the_same_attempts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_revoked_upstream_but_not_rotated_is_not_read_again_per_request() {
+    let (key, rotated) = (
+        "sk-moto-revoked-key-0000001",
+        "sk-moto-revoked-key-rotated1",
+    );
+    let token = "tok-moto-revoked-000000001";
+    let _logs = logs::check(&[key, rotated, token]);
+    let moto = moto().await;
+    let sm = secrets_client(&moto.endpoint()).await;
+    let counting = CountingPassThrough::start(moto.addr()).await;
+    let sim = simulator().await;
+    let key_arn = create_secret(&sm, "revoked-key", key).await;
+    let clock = VirtualClock::new();
+    let secrets =
+        Secrets::new(Some(secrets_client(&counting.endpoint()).await)).with_clock(clock.clone());
+    let p = proxy_for_with(
+        &sim,
+        &[
+            ("OPENAI_API_KEY_SECRET_ARN", &key_arn),
+            ("PROXY_API_KEYS", token),
+        ],
+        secrets,
+    );
+    // OpenAI rejects the key from now on; the secret is not rotated.
+    let rejected = || parse_script("401").unwrap().remove(0);
+    sim.set_default(rejected());
+    for _ in 0..10 {
+        let (resp, _) = invoke(&p, chat(token)).await;
+        assert_error(&resp, 502, "upstream_auth_failed");
+    }
+    // The first read, one read again after the first 401, then none within the backoff.
+    assert_eq!(counting.get_secret_value_calls(), 2);
+    clock.advance(1_000);
+    assert_error(
+        &invoke(&p, chat(token)).await.0,
+        502,
+        "upstream_auth_failed",
+    );
+    assert_eq!(counting.get_secret_value_calls(), 3);
+
+    // Rotated during the backoff: the old key keeps being used until it passed (2 s now)...
+    put_secret_value(&sm, &key_arn, rotated).await;
+    sim.set_default(parse_script("ok").unwrap().remove(0));
+    sim.set_script(vec![rejected()]);
+    assert_error(
+        &invoke(&p, chat(token)).await.0,
+        502,
+        "upstream_auth_failed",
+    );
+    assert_eq!(counting.get_secret_value_calls(), 3);
+    // ...then the next 401 reads the rotated key and the retry with it works.
+    clock.advance(2_000);
+    sim.clear_requests();
+    sim.set_script(vec![rejected()]);
+    assert_eq!(status(&invoke(&p, chat(token)).await.0), 200);
+    assert_eq!(counting.get_secret_value_calls(), 4);
+    assert_eq!(bearer_seen(&sim), [bearer(key), bearer(rotated)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_or_unusable_secrets_are_config_errors_naming_the_setting() {
     let values = [
         "sk-moto-good-key-0000000001",
@@ -568,4 +628,63 @@ async fn secrets_manager_down_or_hanging_is_a_quick_config_error_within_the_dead
         );
     }
     assert!(sim.requests().is_empty());
+}
+
+/// §11: the upstream list from `UPSTREAMS_SECRET_ARN`, with one entry's key inline and the
+/// other's named by `api_key_secret_arn`; each upstream gets its own key, none is logged, and
+/// a malformed list is a `config_error` naming the setting, never echoing the secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_list_and_its_keys_come_from_secrets() {
+    let (inline_key, named_key, token) = (
+        "sk-moto-inline-upstream-01",
+        "sk-moto-named-upstream-002",
+        "tok-moto-upstreams-000001",
+    );
+    let _logs = logs::check(&[inline_key, named_key, token]);
+    let moto = moto().await;
+    let sm = secrets_client(&moto.endpoint()).await;
+    let (primary, backup) = (simulator().await, simulator().await);
+    primary.set_script(parse_script("503,503").unwrap());
+    let named_arn = create_secret(&sm, "backup-key", named_key).await;
+    let list = serde_json::json!([
+        {"name": "primary", "base_url": primary.base_url(), "api_key": inline_key},
+        {"name": "backup", "base_url": backup.base_url(), "api_key_secret_arn": named_arn},
+    ])
+    .to_string();
+    let list_arn = create_secret(&sm, "upstreams", &list).await;
+    let p = support::events::proxy(
+        &[
+            ("UPSTREAMS_SECRET_ARN", list_arn.as_str()),
+            ("PROXY_API_KEYS", token),
+            ("RETRY_BASE_DELAY_MS", "50"),
+        ],
+        Some(sm.clone()),
+    );
+    let (resp, _) = invoke(&p, chat(token)).await;
+    assert_eq!(status(&resp), 200, "{resp}");
+    assert_eq!(header(&resp, "x-proxy-upstream"), Some("backup"));
+    assert_eq!(
+        bearer_seen(&primary),
+        [bearer(inline_key), bearer(inline_key)]
+    );
+    assert_eq!(bearer_seen(&backup), [bearer(named_key)]);
+
+    // A malformed list in the secret: config_error naming UPSTREAMS_SECRET_ARN, no value.
+    let broken = create_secret(
+        &sm,
+        "upstreams-broken",
+        r#"[{"name": "x", "api_key": "sk-moto-broken-value-01"}]"#,
+    )
+    .await;
+    let p = support::events::proxy(
+        &[
+            ("UPSTREAMS_SECRET_ARN", broken.as_str()),
+            ("PROXY_API_KEYS", token),
+        ],
+        Some(sm),
+    );
+    let (resp, _) = invoke(&p, chat(token)).await;
+    let msg = assert_error_naming(&resp, 500, "config_error", "UPSTREAMS_SECRET_ARN");
+    assert!(msg.contains("base_url"), "{msg}");
+    assert!(!resp.to_string().contains("sk-moto-broken"), "{resp}");
 }

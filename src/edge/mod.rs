@@ -997,6 +997,8 @@ fn log_finished(
                 elapsed_ms,
                 budget_ms = budget.budget_ms,
                 json.upstream_request_ids = %json!(ids),
+                json.upstream = %json!(resp.header("x-proxy-upstream")),
+                fallbacks = s.switches,
                 cold_start,
                 streamed = stream.is_some(),
                 json.first_byte_ms = %json!(first_byte_ms),

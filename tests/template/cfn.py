@@ -82,6 +82,10 @@ def parameter_values(params: dict | None = None) -> dict:
     unknown = set(params or {}) - set(load_template().get("Parameters", {}))
     assert not unknown, f"not parameters of template.yaml: {unknown}"
     values.update({k: str(v) for k, v in (params or {}).items()})
+    # A CommaDelimitedList is a list of strings to the template ("" is [""]), as in CloudFormation.
+    for name, p in load_template().get("Parameters", {}).items():
+        if p.get("Type") == "CommaDelimitedList" and name in values:
+            values[name] = [item.strip() for item in values[name].split(",")]
     return values
 
 

@@ -36,7 +36,8 @@ def test_dashboard_renders_to_json_with_the_widgets_an_operator_needs():
     rows = metric_rows(dash)
     ns = "OpenAIProxy"
     for metric in ("Requests", "UpstreamFailures", "Upstream5xx", "Upstream429", "UpstreamTimeouts",
-                   "UpstreamLatency", "Retries", "Fallbacks", "CircuitOpen", "AttemptsSkipped"):
+                   "UpstreamLatency", "Retries", "Fallbacks", "CircuitOpen", "AttemptsSkipped",
+                   "TimeToFirstByte", "StreamsInterrupted"):
         assert (ns, metric) in rows, metric
     for metric in ("Errors", "Duration", "Throttles", "ConcurrentExecutions"):
         assert ("AWS/Lambda", metric) in rows, metric
@@ -66,7 +67,7 @@ def test_saved_queries_cover_what_operators_ask():
         assert r["Properties"]["Name"]["Fn::Sub"].startswith("${AWS::StackName}/")
         assert r["Properties"]["LogGroupNames"] == [{"Ref": "ProxyLogGroup"}]
     text = " ".join(r["Properties"]["QueryString"] for r in saved.values())
-    for must in ("by code", "by route, model", "pct(elapsed_ms, 99)", "sort elapsed_ms desc",
+    for must in ("by code, upstream", "by route, model", "avg(fallbacks)", "pct(elapsed_ms, 99)", "sort elapsed_ms desc",
                  "initDurationMs", "retries_per_request"):
         assert must in text, must
     assert len(all_queries(template)) == len(saved) + 1
