@@ -37,10 +37,14 @@ impl Proxy {
         invocation: Invocation,
     ) -> StreamResponse<Body> {
         let (span, ending) = self.begin(&invocation);
-        let parsed = GatewayEvent::parse(&event).map(|e| (e.kind, e.start_ms, e.path.clone()));
+        // Parsed once; the body moves from the event to the upstream request without a copy.
+        let event = GatewayEvent::from_value(event);
+        let parsed = event
+            .as_ref()
+            .map(|e| (e.front(), e.start_ms, e.path.clone()));
         let (proxy, inv, end) = (self.clone(), invocation.clone(), ending.clone());
         let task = tokio::spawn(
-            async move { proxy.answer(&event, &inv, &end, true).await }.instrument(span.clone()),
+            async move { proxy.answer(event, &inv, &end, true).await }.instrument(span.clone()),
         );
         let mut done = match task.await {
             Ok(done) => done,
