@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell sha256sum tools/requirements.txt | cut -c1-1
 export PATH := $(VENV)/bin:$(PATH)
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: help venv build demo test test-rust test-template test-e2e fmt-check clippy bench sam-build clean
+.PHONY: help venv build demo test test-rust test-template test-e2e node-deps fmt-check clippy bench sam-build clean
 
 help:
 	@echo "make demo   - run the function under cargo lambda watch on the sample events, against the simulator"
@@ -40,7 +40,17 @@ test-rust: venv
 test-template:
 	@bash tools/lint-template.sh
 
-test-e2e: venv build
+# openai-node for tests/e2e/test_openai_node.py, exactly as locked, reinstalled when the lock changes.
+NODE_DIR := tests/e2e/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.installed-$(shell sha256sum $(NODE_DIR)/package-lock.json | cut -c1-12)
+node-deps: $(NODE_STAMP)
+$(NODE_STAMP): $(NODE_DIR)/package-lock.json
+	@command -v npm >/dev/null || { echo "npm (Node.js) is required for the openai-node end-to-end test" >&2; exit 1; }
+	@echo "installing openai-node into $(NODE_DIR)/node_modules (npm ci)"
+	@cd $(NODE_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+test-e2e: venv build node-deps
 	$(VENV)/bin/python -m pytest -q tests/e2e
 
 test: fmt-check clippy test-rust test-template test-e2e
@@ -53,4 +63,4 @@ sam-build:
 
 clean:
 	cargo clean
-	rm -rf .aws-sam .tmp
+	rm -rf .aws-sam .tmp $(NODE_DIR)/node_modules

@@ -15,14 +15,19 @@ pub enum GatewayKind {
     RestV1,
     /// Lambda function URL: no gateway timeout of its own.
     FunctionUrl,
+    /// Application Load Balancer target group: no gateway timeout of its own (the load
+    /// balancer's idle timeout is the client's business).
+    Alb,
+    /// API Gateway WebSocket API: 29 s integration timeout. Not a route this proxy serves.
+    WebSocket,
 }
 
 impl GatewayKind {
     pub fn default_timeout_ms(self) -> Option<u64> {
         match self {
             GatewayKind::HttpApiV2 => Some(30_000),
-            GatewayKind::RestV1 => Some(29_000),
-            GatewayKind::FunctionUrl => None,
+            GatewayKind::RestV1 | GatewayKind::WebSocket => Some(29_000),
+            GatewayKind::FunctionUrl | GatewayKind::Alb => None,
         }
     }
 
@@ -31,6 +36,8 @@ impl GatewayKind {
             GatewayKind::HttpApiV2 => "apigw_http_v2",
             GatewayKind::RestV1 => "apigw_rest_v1",
             GatewayKind::FunctionUrl => "function_url",
+            GatewayKind::Alb => "alb",
+            GatewayKind::WebSocket => "apigw_websocket",
         }
     }
 }
@@ -189,6 +196,18 @@ mod tests {
             &S,
         );
         assert_eq!(b.budget_ms, 59_500);
+    }
+
+    #[test]
+    fn alb_has_no_gateway_timeout_unless_one_is_set() {
+        let b = Budget::compute(NOW + 60_000, Some((GatewayKind::Alb, None)), NOW, &S);
+        assert_eq!(b.budget_ms, 59_500);
+        let s = DeadlineSettings {
+            gateway_timeout_ms: Some(10_000),
+            ..S
+        };
+        let b = Budget::compute(NOW + 60_000, Some((GatewayKind::Alb, None)), NOW, &s);
+        assert_eq!(b.budget_ms, 9_500);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! answer in the §5 shape; the handler never returns an error to the runtime (API Gateway would
 //! turn it into a bare 502) and never panics.
 
+pub mod render;
 pub mod request;
 pub mod response;
 pub mod routes;
@@ -11,7 +12,6 @@ mod upstreams;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use base64::Engine as _;
 use bytes::Bytes;
 use serde_json::{Value, json};
 use tracing::Instrument;
@@ -31,11 +31,14 @@ use crate::upstream::{ForwardRequest, LiveStream, UnsendablePart, UpstreamClient
 use crate::upstreams::breaker::Breakers;
 use crate::upstreams::latency::LatencyBook;
 use crate::upstreams::{MAX_UPSTREAMS, UpstreamSpec, UpstreamsSource};
-use request::{BodyError, GatewayEvent};
+use render::render;
+use request::{BodyError, Front, GatewayEvent};
 use response::{ErrorCode, LAMBDA_RESPONSE_LIMIT, ProxyResponse, UpstreamSummary, seconds};
 use routes::RouteKind;
 
 const STATUS_PAGE: &str = "https://status.openai.com";
+/// The routes, for messages.
+const SERVED: &str = "POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses, /v1/moderations, GET /v1/models and GET /health";
 
 /// What the runtime tells us about one invocation.
 #[derive(Clone, Debug)]
@@ -125,7 +128,7 @@ struct Summary {
 
 /// An event answered, before rendering (the response and what the log line needs).
 struct Answered {
-    kind: Option<GatewayKind>,
+    front: Option<Front>,
     resp: ProxyResponse,
     summary: Summary,
     budget: Budget,
@@ -180,7 +183,7 @@ impl Proxy {
     /// line and one metrics record.
     pub async fn handle_event(self: &Arc<Self>, event: Value, invocation: Invocation) -> Value {
         let (span, ending) = self.begin(&invocation);
-        let parsed = GatewayEvent::parse(&event).map(|e| (e.kind, e.start_ms, e.path.clone()));
+        let parsed = GatewayEvent::parse(&event).map(|e| (e.front(), e.start_ms, e.path.clone()));
         let (proxy, inv, end) = (self.clone(), invocation.clone(), ending.clone());
         let task = tokio::spawn(
             async move { proxy.handle(&event, &inv, &end).await }.instrument(span.clone()),
@@ -189,8 +192,8 @@ impl Proxy {
             Ok(v) => return v,
             Err(e) => e,
         };
-        let (kind, resp) = self.internal_error(e, parsed, &invocation, &ending, &span);
-        render(kind, resp)
+        let (front, resp) = self.internal_error(e, parsed, &invocation, &ending, &span);
+        render(front, resp)
     }
 
     /// The invocation's span and ending record (its start, and whether it was logged yet).
@@ -211,11 +214,11 @@ impl Proxy {
     fn internal_error(
         &self,
         e: tokio::task::JoinError,
-        parsed: Option<(GatewayKind, Option<u64>, String)>,
+        parsed: Option<(Front, Option<u64>, String)>,
         invocation: &Invocation,
         ending: &Ending,
         span: &tracing::Span,
-    ) -> (Option<GatewayKind>, ProxyResponse) {
+    ) -> (Option<Front>, ProxyResponse) {
         let _g = span.enter();
         tracing::error!(
             panic = e.is_panic(),
@@ -242,10 +245,12 @@ impl Proxy {
             may_stream: false,
             live: None,
         };
-        let gateway = parsed.as_ref().map(|(kind, start, _)| (*kind, *start));
+        let gateway = parsed
+            .as_ref()
+            .map(|(front, start, _)| (front.kind, *start));
         let budget = self.budget(invocation, gateway, ending.started);
         self.finish(id, &summary, &resp, &budget, ending, None);
-        (parsed.map(|(kind, _, _)| kind), resp)
+        (parsed.map(|(front, _, _)| front), resp)
     }
 
     /// Answers one event (no panic guard; see [`Proxy::handle_event`]).
@@ -253,7 +258,7 @@ impl Proxy {
         let done = self.answer(event, invocation, ending, false).await;
         let (id, summary, budget) = (&done.request_id, &done.summary, &done.budget);
         self.finish(id, summary, &done.resp, budget, ending, None);
-        render(done.kind, done.resp)
+        render(done.front, done.resp)
     }
 
     /// The answer to one event; `may_stream`: a `"stream": true` request may be committed to a
@@ -290,14 +295,14 @@ impl Proxy {
                 summary.code = Some(ErrorCode::InvalidRequest);
                 ProxyResponse::error(
                     ErrorCode::InvalidRequest,
-                    "The event is not an API Gateway (REST or HTTP API) or Lambda function URL request.",
+                    "The event is not an HTTP request from API Gateway (REST or HTTP API), a Lambda function URL or an Application Load Balancer.",
                     None,
                     id,
                 )
             }
         };
         Answered {
-            kind: parsed.map(|e| e.kind),
+            front: parsed.map(|e| e.front()),
             resp: finish_headers(resp, id),
             summary,
             budget,
@@ -380,10 +385,17 @@ impl Proxy {
             summary.code = Some(code);
             ProxyResponse::error(code, message, None, id)
         };
+        if ev.kind == GatewayKind::WebSocket {
+            let message = format!(
+                "WebSocket API routes are not served by this proxy (route {}). It answers HTTP requests from API Gateway, a Lambda function URL or an Application Load Balancer: {SERVED}.",
+                printable(&ev.path)
+            );
+            return reject(summary, ErrorCode::NotFound, message);
+        }
         let Some(route) = routes::find(&ev.path) else {
             let message = format!(
-                "Unknown route {} {}. This proxy serves POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses, /v1/moderations, GET /v1/models and GET /health.",
-                ev.method,
+                "Unknown route {} {}. This proxy serves {SERVED}.",
+                printable(&ev.method),
                 printable(&ev.path)
             );
             return reject(summary, ErrorCode::NotFound, message);
@@ -896,32 +908,6 @@ fn finish_headers(mut resp: ProxyResponse, id: &str) -> ProxyResponse {
         resp.set_header("x-should-retry", "false");
     }
     resp
-}
-
-/// Shapes the response for the gateway that sent the event (HTTP API v2 / function URL format
-/// for anything not REST v1).
-fn render(kind: Option<GatewayKind>, resp: ProxyResponse) -> Value {
-    let (body, is_base64) = match std::str::from_utf8(&resp.body) {
-        Ok(s) => (s.to_owned(), false),
-        Err(_) => (
-            base64::engine::general_purpose::STANDARD.encode(&resp.body),
-            true,
-        ),
-    };
-    let headers: serde_json::Map<String, Value> = resp
-        .headers
-        .into_iter()
-        .map(|(k, v)| (k, Value::String(v)))
-        .collect();
-    match kind {
-        Some(GatewayKind::RestV1) => json!({
-            "statusCode": resp.status, "headers": headers, "body": body, "isBase64Encoded": is_base64,
-        }),
-        _ => json!({
-            "statusCode": resp.status, "headers": headers, "body": body, "isBase64Encoded": is_base64,
-            "cookies": [],
-        }),
-    }
 }
 
 /// Whether a client header value can be forwarded (what `http::HeaderValue` accepts).

@@ -1,5 +1,9 @@
-//! Reading the Lambda event: which gateway sent it, method, path, headers, body, start time.
+//! Reading the Lambda event: which front door sent it, method, path, headers, body, start time.
 //! Total over any JSON: a shape we do not know is an error value, never a panic.
+//!
+//! Front doors: API Gateway HTTP API (payload 2.0), REST API (payload 1.0, also what an HTTP
+//! API with payload 1.0 sends), Lambda function URLs, Application Load Balancer target groups
+//! and API Gateway WebSocket APIs (recognised so they get a clear answer; not served).
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -7,19 +11,32 @@ use serde_json::Value;
 
 use crate::budget::GatewayKind;
 
-/// The parts of an API Gateway / function URL event the function uses.
+/// The parts of a gateway event the function uses.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GatewayEvent {
     pub kind: GatewayKind,
+    /// Upper case. For a WebSocket event, its `eventType` (`CONNECT`, `MESSAGE`, …).
     pub method: String,
+    /// The request path. For a WebSocket event, its `routeKey` (`$connect`, …).
     pub path: String,
     /// Lower-case names; repeated headers joined with `,`.
     pub headers: Vec<(String, String)>,
+    /// The event carried `multiValueHeaders`: for an ALB target group with multi-value headers
+    /// on, the answer must use `multiValueHeaders` too (REST API answers ignore this).
+    pub multi_value_headers: bool,
     /// Raw `body` field, still base64 if `is_base64`.
     pub body: Option<String>,
     pub is_base64: bool,
-    /// `requestContext.timeEpoch` (v2, function URL) or `requestTimeEpoch` (v1), epoch ms.
+    /// `requestContext.timeEpoch` (v2, function URL) or `requestTimeEpoch` (v1, WebSocket),
+    /// epoch ms. ALB events carry none.
     pub start_ms: Option<u64>,
+}
+
+/// How the answer must be shaped for the front door that sent the event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Front {
+    pub kind: GatewayKind,
+    pub multi_value_headers: bool,
 }
 
 /// The body could not be read.
@@ -29,40 +46,30 @@ pub enum BodyError {
     BadBase64,
 }
 
+/// What tells the front doors apart: kind, method, path, start time.
+type Head<'a> = (GatewayKind, &'a str, &'a str, Option<u64>);
+
 impl GatewayEvent {
-    /// Recognises API Gateway HTTP API (2.0), REST API (1.0) and function URL events.
+    /// Recognises the front doors above; `None` for anything else (including the events an
+    /// API Gateway *authorizer* receives: this function is not one).
     pub fn parse(event: &Value) -> Option<GatewayEvent> {
         let ctx = event.get("requestContext").filter(|c| c.is_object());
-        let (kind, method, path, start_ms) = if let Some(http) = ctx.and_then(|c| c.get("http")) {
-            let domain = ctx.and_then(|c| str_of(c, "domainName")).unwrap_or("");
-            let kind = if domain.contains(".lambda-url.") {
-                GatewayKind::FunctionUrl
-            } else {
-                GatewayKind::HttpApiV2
-            };
-            let path = str_of(event, "rawPath").or_else(|| str_of(http, "path"))?;
-            (
-                kind,
-                str_of(http, "method")?,
-                path,
-                ctx.and_then(|c| u64_of(c, "timeEpoch")),
-            )
-        } else if let Some(method) = str_of(event, "httpMethod") {
-            let path = str_of(event, "path").or_else(|| ctx.and_then(|c| str_of(c, "path")))?;
-            (
-                GatewayKind::RestV1,
-                method,
-                path,
-                ctx.and_then(|c| u64_of(c, "requestTimeEpoch")),
-            )
-        } else {
+        if is_authorizer_request(event) {
             return None;
+        }
+        let (kind, method, path, start_ms) = match ctx {
+            Some(c) if c.get("elb").is_some() => alb_head(event)?,
+            Some(c) if is_websocket(c) => websocket_head(c),
+            Some(c) if c.get("http").is_some() => http_api_head(event, c)?,
+            _ => rest_head(event, ctx)?,
         };
+        let multi_value_headers = event.get("multiValueHeaders").is_some_and(Value::is_object);
         Some(GatewayEvent {
             kind,
             method: method.to_ascii_uppercase(),
             path: path.to_owned(),
             headers: headers_of(event),
+            multi_value_headers,
             body: str_of(event, "body").map(str::to_owned),
             is_base64: event
                 .get("isBase64Encoded")
@@ -70,6 +77,13 @@ impl GatewayEvent {
                 .unwrap_or(false),
             start_ms,
         })
+    }
+
+    pub fn front(&self) -> Front {
+        Front {
+            kind: self.kind,
+            multi_value_headers: self.multi_value_headers,
+        }
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
@@ -104,6 +118,61 @@ impl GatewayEvent {
             Ok(bytes)
         }
     }
+}
+
+/// A `TOKEN` / `REQUEST` authorizer input (REST or HTTP API): it names the method or route
+/// being authorised, and expects a policy or `{"isAuthorized": …}` back, not an HTTP answer.
+fn is_authorizer_request(event: &Value) -> bool {
+    matches!(str_of(event, "type"), Some("TOKEN" | "REQUEST"))
+        && (event.get("methodArn").is_some() || event.get("routeArn").is_some())
+}
+
+/// WebSocket API events name a connection; some also carry `httpMethod` and `path`.
+fn is_websocket(ctx: &Value) -> bool {
+    ctx.get("connectionId").is_some() || ctx.get("eventType").is_some()
+}
+
+fn alb_head(event: &Value) -> Option<Head<'_>> {
+    Some((
+        GatewayKind::Alb,
+        str_of(event, "httpMethod")?,
+        str_of(event, "path")?,
+        None,
+    ))
+}
+
+fn websocket_head(ctx: &Value) -> Head<'_> {
+    (
+        GatewayKind::WebSocket,
+        str_of(ctx, "eventType").unwrap_or("MESSAGE"),
+        str_of(ctx, "routeKey").unwrap_or(""),
+        u64_of(ctx, "requestTimeEpoch"),
+    )
+}
+
+/// HTTP API payload 2.0 and function URLs (told apart by the function URL's domain).
+fn http_api_head<'a>(event: &'a Value, ctx: &'a Value) -> Option<Head<'a>> {
+    let http = ctx.get("http")?;
+    let domain = str_of(ctx, "domainName").unwrap_or("");
+    let kind = if domain.contains(".lambda-url.") {
+        GatewayKind::FunctionUrl
+    } else {
+        GatewayKind::HttpApiV2
+    };
+    let path = str_of(event, "rawPath").or_else(|| str_of(http, "path"))?;
+    Some((
+        kind,
+        str_of(http, "method")?,
+        path,
+        u64_of(ctx, "timeEpoch"),
+    ))
+}
+
+fn rest_head<'a>(event: &'a Value, ctx: Option<&'a Value>) -> Option<Head<'a>> {
+    let method = str_of(event, "httpMethod")?;
+    let path = str_of(event, "path").or_else(|| ctx.and_then(|c| str_of(c, "path")))?;
+    let start = ctx.and_then(|c| u64_of(c, "requestTimeEpoch"));
+    Some((GatewayKind::RestV1, method, path, start))
 }
 
 fn str_of<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
@@ -198,6 +267,78 @@ mod tests {
         assert_eq!(g.kind, GatewayKind::RestV1);
         assert_eq!(g.header("x-a"), Some("1,2"));
         assert_eq!(g.body, None);
+    }
+
+    #[test]
+    fn alb_events_and_their_header_form() {
+        let arn = "arn:aws:elasticloadbalancing:us-east-2:123456789012:targetgroup/t/1";
+        let single = json!({"requestContext": {"elb": {"targetGroupArn": arn}},
+            "httpMethod": "POST", "path": "/v1/chat/completions",
+            "headers": {"Authorization": "Bearer x"}, "body": "{}", "isBase64Encoded": false});
+        let g = GatewayEvent::parse(&single).unwrap();
+        assert_eq!((g.kind, g.start_ms), (GatewayKind::Alb, None));
+        assert!(!g.multi_value_headers);
+        assert_eq!(g.header("authorization"), Some("Bearer x"));
+        let multi = json!({"requestContext": {"elb": {"targetGroupArn": arn}},
+            "httpMethod": "GET", "path": "/health",
+            "multiValueHeaders": {"Accept": ["a", "b"], "X-Null": null}, "body": ""});
+        let g = GatewayEvent::parse(&multi).unwrap();
+        assert_eq!(g.front().kind, GatewayKind::Alb);
+        assert!(g.front().multi_value_headers);
+        assert_eq!(g.header("accept"), Some("a,b"));
+    }
+
+    #[test]
+    fn websocket_events_name_their_route() {
+        let e = json!({"requestContext": {"routeKey": "$connect", "eventType": "CONNECT",
+            "connectionId": "abc=", "requestTimeEpoch": 1700000000000u64},
+            "headers": null, "isBase64Encoded": false});
+        let g = GatewayEvent::parse(&e).unwrap();
+        assert_eq!(g.kind, GatewayKind::WebSocket);
+        assert_eq!(
+            (g.method.as_str(), g.path.as_str()),
+            ("CONNECT", "$connect")
+        );
+        // Even with the httpMethod and path some of them carry.
+        let e = json!({"httpMethod": "POST", "path": "/v1/chat/completions",
+            "requestContext": {"connectionId": "abc=", "routeKey": "$default"}});
+        assert_eq!(
+            GatewayEvent::parse(&e).unwrap().kind,
+            GatewayKind::WebSocket
+        );
+    }
+
+    #[test]
+    fn authorizer_inputs_are_not_requests() {
+        for e in [
+            json!({"type": "TOKEN", "authorizationToken": "t", "methodArn": "arn:x"}),
+            json!({"type": "REQUEST", "methodArn": "arn:x", "httpMethod": "GET", "path": "/",
+                "requestContext": {"stage": "test"}}),
+            json!({"version": "2.0", "type": "REQUEST", "routeArn": "arn:x", "rawPath": "/",
+                "requestContext": {"http": {"method": "POST"}}}),
+        ] {
+            assert_eq!(GatewayEvent::parse(&e), None, "{e}");
+        }
+    }
+
+    #[test]
+    fn null_and_missing_headers_and_bodies() {
+        let e = json!({"httpMethod": "GET", "path": "/health", "headers": null,
+            "multiValueHeaders": null, "body": null, "isBase64Encoded": null,
+            "requestContext": {"requestTimeEpoch": null}});
+        let g = GatewayEvent::parse(&e).unwrap();
+        assert!(g.headers.is_empty() && g.body.is_none() && !g.is_base64);
+        assert_eq!(g.start_ms, None);
+        let e = json!({"httpMethod": "GET", "path": "/health",
+            "headers": {"A": null, "B": 1, "C": "c"}, "multiValueHeaders": {"D": [null, 2, "d"], "E": "e"}});
+        let g = GatewayEvent::parse(&e).unwrap();
+        assert_eq!(
+            g.headers,
+            vec![
+                ("c".to_owned(), "c".to_owned()),
+                ("d".to_owned(), "d".to_owned())
+            ]
+        );
     }
 
     #[test]

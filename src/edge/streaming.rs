@@ -37,7 +37,7 @@ impl Proxy {
         invocation: Invocation,
     ) -> StreamResponse<Body> {
         let (span, ending) = self.begin(&invocation);
-        let parsed = GatewayEvent::parse(&event).map(|e| (e.kind, e.start_ms, e.path.clone()));
+        let parsed = GatewayEvent::parse(&event).map(|e| (e.front(), e.start_ms, e.path.clone()));
         let (proxy, inv, end) = (self.clone(), invocation.clone(), ending.clone());
         let task = tokio::spawn(
             async move { proxy.answer(&event, &inv, &end, true).await }.instrument(span.clone()),

@@ -17,9 +17,13 @@ from metrics_support import CloudWatchFront, Simulator  # noqa: E402
 def stack(tmp_path_factory):
     # Fast retries keep the outage case short; the deadline logic is covered with real
     # deadlines by tests/proxy_simulator.rs (watch hands out a constant 600000 deadline).
+    # The circuit breaker is off: one warm process serves every test, and each outage case
+    # (5 failed attempts) would otherwise open it for the tests after it (the breaker has its
+    # own tests).
     s = LocalStack(tmp_path_factory.mktemp("watch"), env={"METRICS_BACKEND": "none",
                                                            "RETRY_BASE_DELAY_MS": "100",
-                                                           "RETRY_MAX_DELAY_MS": "400"})
+                                                           "RETRY_MAX_DELAY_MS": "400",
+                                                           "BREAKER_FAILURES": "0"})
     s.start()
     try:
         # The first invocation starts the function process; give it a generous timeout.

@@ -1,0 +1,132 @@
+//! The response payload each front door expects (spec §2): HTTP API payload 2.0 and function
+//! URLs (`cookies` may be set), REST and WebSocket APIs (payload 1.0), and ALB target groups
+//! (`statusDescription`, and `multiValueHeaders` when the event used them).
+
+use base64::Engine as _;
+use serde_json::{Map, Value, json};
+
+use super::request::Front;
+use super::response::ProxyResponse;
+use crate::budget::GatewayKind;
+
+/// Shapes `resp` for the front door that sent the event; the HTTP API v2 / function URL format
+/// when the event was not recognised at all.
+pub fn render(front: Option<Front>, resp: ProxyResponse) -> Value {
+    let (body, is_base64) = match std::str::from_utf8(&resp.body) {
+        Ok(s) => (s.to_owned(), false),
+        Err(_) => (
+            base64::engine::general_purpose::STANDARD.encode(&resp.body),
+            true,
+        ),
+    };
+    let mut out = json!({
+        "statusCode": resp.status, "body": body, "isBase64Encoded": is_base64,
+    });
+    let single = |headers: Vec<(String, String)>| -> Map<String, Value> {
+        headers.into_iter().map(|(k, v)| (k, json!(v))).collect()
+    };
+    match front {
+        Some(Front {
+            kind: GatewayKind::Alb,
+            multi_value_headers,
+        }) => {
+            out["statusDescription"] = json!(status_description(resp.status));
+            if multi_value_headers {
+                let multi: Map<String, Value> = resp
+                    .headers
+                    .into_iter()
+                    .map(|(k, v)| (k, json!([v])))
+                    .collect();
+                out["multiValueHeaders"] = Value::Object(multi);
+            } else {
+                out["headers"] = Value::Object(single(resp.headers));
+            }
+        }
+        Some(Front {
+            kind: GatewayKind::RestV1 | GatewayKind::WebSocket,
+            ..
+        }) => out["headers"] = Value::Object(single(resp.headers)),
+        _ => {
+            out["headers"] = Value::Object(single(resp.headers));
+            out["cookies"] = json!([]);
+        }
+    }
+    out
+}
+
+/// ALB's status line text: `200 OK`, `502 Bad Gateway`; a code without a standard reason
+/// phrase is given as `<code> Unknown`.
+pub fn status_description(status: u16) -> String {
+    let reason = reqwest::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Unknown");
+    format!("{status} {reason}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn resp(status: u16, body: &'static [u8]) -> ProxyResponse {
+        ProxyResponse {
+            status,
+            headers: vec![
+                ("content-type".into(), "application/json".into()),
+                ("x-should-retry".into(), "false".into()),
+            ],
+            body: Bytes::from_static(body),
+        }
+    }
+
+    fn front(kind: GatewayKind, multi_value_headers: bool) -> Option<Front> {
+        Some(Front {
+            kind,
+            multi_value_headers,
+        })
+    }
+
+    #[test]
+    fn alb_gets_a_status_description_and_the_header_form_of_its_event() {
+        let single = render(front(GatewayKind::Alb, false), resp(502, b"{}"));
+        assert_eq!(
+            single,
+            json!({"statusCode": 502, "statusDescription": "502 Bad Gateway",
+                "headers": {"content-type": "application/json", "x-should-retry": "false"},
+                "body": "{}", "isBase64Encoded": false})
+        );
+        let multi = render(front(GatewayKind::Alb, true), resp(200, b"{}"));
+        assert_eq!(
+            multi,
+            json!({"statusCode": 200, "statusDescription": "200 OK",
+                "multiValueHeaders": {"content-type": ["application/json"], "x-should-retry": ["false"]},
+                "body": "{}", "isBase64Encoded": false})
+        );
+    }
+
+    #[test]
+    fn api_gateway_shapes() {
+        let v2 = render(front(GatewayKind::HttpApiV2, false), resp(404, b"x"));
+        assert_eq!(v2["cookies"], json!([]));
+        assert!(v2.get("statusDescription").is_none());
+        for kind in [GatewayKind::RestV1, GatewayKind::WebSocket] {
+            let v1 = render(front(kind, true), resp(404, b"x"));
+            assert_eq!(v1["headers"]["content-type"], "application/json");
+            assert!(v1.get("cookies").is_none() && v1.get("multiValueHeaders").is_none());
+        }
+        // Not valid UTF-8: base64.
+        let bin = render(None, resp(200, b"\xff\x00"));
+        assert_eq!(
+            (&bin["body"], &bin["isBase64Encoded"]),
+            (&json!("/wA="), &json!(true))
+        );
+    }
+
+    #[test]
+    fn status_descriptions() {
+        assert_eq!(status_description(504), "504 Gateway Timeout");
+        assert_eq!(status_description(429), "429 Too Many Requests");
+        assert_eq!(status_description(599), "599 Unknown");
+    }
+}
