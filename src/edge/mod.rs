@@ -32,7 +32,7 @@ use crate::upstreams::breaker::Breakers;
 use crate::upstreams::latency::LatencyBook;
 use crate::upstreams::{MAX_UPSTREAMS, UpstreamSpec, UpstreamsSource};
 use render::render;
-use request::{BodyError, Front, GatewayEvent};
+use request::{BodyError, EventBody, Front, GatewayEvent};
 use response::{ErrorCode, LAMBDA_RESPONSE_LIMIT, ProxyResponse, UpstreamSummary, seconds};
 use routes::RouteKind;
 
@@ -183,10 +183,14 @@ impl Proxy {
     /// line and one metrics record.
     pub async fn handle_event(self: &Arc<Self>, event: Value, invocation: Invocation) -> Value {
         let (span, ending) = self.begin(&invocation);
-        let parsed = GatewayEvent::parse(&event).map(|e| (e.front(), e.start_ms, e.path.clone()));
+        // Parsed once; the body moves from the event to the upstream request without a copy.
+        let event = GatewayEvent::from_value(event);
+        let parsed = event
+            .as_ref()
+            .map(|e| (e.front(), e.start_ms, e.path.clone()));
         let (proxy, inv, end) = (self.clone(), invocation.clone(), ending.clone());
         let task = tokio::spawn(
-            async move { proxy.handle(&event, &inv, &end).await }.instrument(span.clone()),
+            async move { proxy.handle(event, &inv, &end).await }.instrument(span.clone()),
         );
         let e = match task.await {
             Ok(v) => return v,
@@ -254,7 +258,12 @@ impl Proxy {
     }
 
     /// Answers one event (no panic guard; see [`Proxy::handle_event`]).
-    async fn handle(&self, event: &Value, invocation: &Invocation, ending: &Ending) -> Value {
+    async fn handle(
+        &self,
+        event: Option<GatewayEvent>,
+        invocation: &Invocation,
+        ending: &Ending,
+    ) -> Value {
         let done = self.answer(event, invocation, ending, false).await;
         let (id, summary, budget) = (&done.request_id, &done.summary, &done.budget);
         self.finish(id, summary, &done.resp, budget, ending, None);
@@ -266,13 +275,12 @@ impl Proxy {
     /// headers).
     async fn answer(
         &self,
-        event: &Value,
+        parsed: Option<GatewayEvent>,
         invocation: &Invocation,
         ending: &Ending,
         may_stream: bool,
     ) -> Answered {
         let id = invocation.request_id.as_str();
-        let parsed = GatewayEvent::parse(event);
         let gateway = parsed.as_ref().map(|e| (e.kind, e.start_ms));
         let budget = self.budget(invocation, gateway, ending.started);
         self.warn_about_emulators(&budget, invocation);
@@ -289,8 +297,12 @@ impl Proxy {
             may_stream,
             live: None,
         };
-        let resp = match &parsed {
-            Some(ev) => self.serve(ev, id, &budget, &mut summary).await,
+        let front = parsed.as_ref().map(GatewayEvent::front);
+        let resp = match parsed {
+            Some(mut ev) => {
+                let body = ev.take_body();
+                self.serve(&ev, body, id, &budget, &mut summary).await
+            }
             None => {
                 summary.code = Some(ErrorCode::InvalidRequest);
                 ProxyResponse::error(
@@ -302,7 +314,7 @@ impl Proxy {
             }
         };
         Answered {
-            front: parsed.map(|e| e.front()),
+            front,
             resp: finish_headers(resp, id),
             summary,
             budget,
@@ -377,6 +389,7 @@ impl Proxy {
     async fn serve(
         &self,
         ev: &GatewayEvent,
+        body: EventBody,
         id: &str,
         budget: &Budget,
         summary: &mut Summary,
@@ -445,7 +458,7 @@ impl Proxy {
             },
         }
 
-        let body = match ev.body_bytes(settings.max_body_bytes) {
+        let body = match body.decode(settings.max_body_bytes) {
             Ok(b) => b,
             Err(BodyError::TooLarge) => {
                 let message = format!(
@@ -676,16 +689,17 @@ fn respond(
                 Some(reply),
             )
         }
-        RunOutcome::Answer(reply) => {
+        RunOutcome::Answer(mut reply) => {
             summary.outcome = if (200..300).contains(&reply.status) {
                 Outcome::Success
             } else {
                 Outcome::UpstreamError
             };
+            // Moved, not shared: the response then owns the only reference (see `render`).
             let mut resp = ProxyResponse {
                 status: reply.status,
                 headers: Vec::new(),
-                body: reply.body.clone(),
+                body: std::mem::take(&mut reply.body),
             };
             if let Some(ct) = reply.header("content-type") {
                 resp.set_header("content-type", ct);
@@ -1010,4 +1024,53 @@ fn json_error(e: &serde_json::Error) -> String {
         serde_json::error::Category::Io => "read error",
     };
     format!("{what} at line {} column {}", e.line(), e.column())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rendering_moves_a_utf8_body_into_the_payload_and_base64s_the_rest() {
+        let text = r#"{"object":"list","data":[]}"#.repeat(1000).into_bytes();
+        let at = text.as_ptr();
+        let resp = ProxyResponse {
+            status: 200,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: Bytes::from(text),
+        };
+        let http_api = Front {
+            kind: GatewayKind::HttpApiV2,
+            multi_value_headers: false,
+        };
+        let v = render(Some(http_api), resp);
+        assert_eq!(
+            v["body"].as_str().unwrap().as_ptr(),
+            at,
+            "no copy of the body"
+        );
+        assert_eq!(
+            (&v["statusCode"], &v["isBase64Encoded"], &v["cookies"]),
+            (&json!(200), &json!(false), &json!([]))
+        );
+        assert_eq!(v["headers"]["content-type"], "application/json");
+        let binary = ProxyResponse {
+            status: 200,
+            headers: Vec::new(),
+            body: Bytes::from_static(&[0xff, 0x00, 0x01]),
+        };
+        let rest = Front {
+            kind: GatewayKind::RestV1,
+            multi_value_headers: false,
+        };
+        let v = render(Some(rest), binary);
+        assert_eq!(
+            (&v["body"], &v["isBase64Encoded"]),
+            (&json!("/wAB"), &json!(true))
+        );
+        assert!(
+            v.get("cookies").is_none(),
+            "REST answers have no cookies field"
+        );
+    }
 }

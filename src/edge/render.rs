@@ -12,16 +12,20 @@ use crate::budget::GatewayKind;
 /// Shapes `resp` for the front door that sent the event; the HTTP API v2 / function URL format
 /// when the event was not recognised at all.
 pub fn render(front: Option<Front>, resp: ProxyResponse) -> Value {
-    let (body, is_base64) = match std::str::from_utf8(&resp.body) {
-        Ok(s) => (s.to_owned(), false),
-        Err(_) => (
-            base64::engine::general_purpose::STANDARD.encode(&resp.body),
+    // The body's own allocation becomes the JSON string when it is UTF-8 (no copy); `json!`
+    // would serialize (copy) it, so the object is built by hand.
+    let (body, is_base64) = match String::from_utf8(Vec::from(resp.body)) {
+        Ok(text) => (text, false),
+        Err(e) => (
+            base64::engine::general_purpose::STANDARD.encode(e.as_bytes()),
             true,
         ),
     };
-    let mut out = json!({
-        "statusCode": resp.status, "body": body, "isBase64Encoded": is_base64,
-    });
+    let mut out = Map::new();
+    out.insert("statusCode".into(), resp.status.into());
+    out.insert("body".into(), Value::String(body));
+    out.insert("isBase64Encoded".into(), is_base64.into());
+    let mut out = Value::Object(out);
     let single = |headers: Vec<(String, String)>| -> Map<String, Value> {
         headers.into_iter().map(|(k, v)| (k, json!(v))).collect()
     };

@@ -79,6 +79,26 @@ impl GatewayEvent {
         })
     }
 
+    /// [`GatewayEvent::parse`] of an owned event, moving its body out instead of copying it
+    /// (the body is the one large part of an event).
+    pub fn from_value(mut event: Value) -> Option<GatewayEvent> {
+        let body = match event.get_mut("body").map(Value::take) {
+            Some(Value::String(s)) => Some(s),
+            _ => None,
+        };
+        let mut parsed = GatewayEvent::parse(&event)?;
+        parsed.body = body;
+        Some(parsed)
+    }
+
+    /// Moves the body out of the event, to be decoded once ([`EventBody::decode`]).
+    pub fn take_body(&mut self) -> EventBody {
+        EventBody {
+            raw: self.body.take(),
+            is_base64: self.is_base64,
+        }
+    }
+
     pub fn front(&self) -> Front {
         Front {
             kind: self.kind,
@@ -92,17 +112,28 @@ impl GatewayEvent {
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
     }
+}
 
-    /// The decoded body, refusing anything over `max` bytes before and after decoding.
-    pub fn body_bytes(&self, max: usize) -> Result<Vec<u8>, BodyError> {
-        let Some(raw) = &self.body else {
+/// An event's body as the gateway sent it, taken out of the event ([`GatewayEvent::take_body`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventBody {
+    /// Raw `body` field, still base64 if `is_base64`.
+    pub raw: Option<String>,
+    pub is_base64: bool,
+}
+
+impl EventBody {
+    /// The decoded body, refusing anything over `max` bytes before and after decoding. A plain
+    /// body keeps its allocation: no copy between the event and the request sent upstream.
+    pub fn decode(self, max: usize) -> Result<Vec<u8>, BodyError> {
+        let Some(raw) = self.raw else {
             return Ok(Vec::new());
         };
         if !self.is_base64 {
             return if raw.len() > max {
                 Err(BodyError::TooLarge)
             } else {
-                Ok(raw.as_bytes().to_vec())
+                Ok(raw.into_bytes())
             };
         }
         // Base64 is 4/3 of the payload: reject early without decoding a huge string.
@@ -357,11 +388,34 @@ mod tests {
     #[test]
     fn base64_bodies_are_decoded_and_size_checked() {
         let mut g = GatewayEvent::parse(&json!({"httpMethod": "POST", "path": "/", "body": "eyJhIjoxfQ==", "isBase64Encoded": true})).unwrap();
-        assert_eq!(g.body_bytes(100).unwrap(), br#"{"a":1}"#);
-        assert_eq!(g.body_bytes(6), Err(BodyError::TooLarge));
-        g.body = Some("!!!".into());
-        assert_eq!(g.body_bytes(100), Err(BodyError::BadBase64));
-        g.is_base64 = false;
-        assert_eq!(g.body_bytes(2), Err(BodyError::TooLarge));
+        let body = g.take_body();
+        assert_eq!(g.body, None, "moved out");
+        assert_eq!(body.clone().decode(100).unwrap(), br#"{"a":1}"#);
+        assert_eq!(body.decode(6), Err(BodyError::TooLarge));
+        let bad = |raw: &str, is_base64| EventBody {
+            raw: Some(raw.into()),
+            is_base64,
+        };
+        assert_eq!(bad("!!!", true).decode(100), Err(BodyError::BadBase64));
+        assert_eq!(bad("!!!", false).decode(2), Err(BodyError::TooLarge));
+    }
+
+    #[test]
+    fn an_owned_event_gives_up_its_body_without_a_copy() {
+        let body = r#"{"model":"gpt-4o-mini","input":"a long body"}"#.repeat(1000);
+        let event = json!({"httpMethod": "POST", "path": "/v1/embeddings", "body": body});
+        let at = event["body"].as_str().unwrap().as_ptr();
+        let mut g = GatewayEvent::from_value(event).unwrap();
+        assert_eq!(
+            (g.kind, g.path.as_str()),
+            (GatewayKind::RestV1, "/v1/embeddings")
+        );
+        let bytes = g.take_body().decode(1 << 20).unwrap();
+        assert_eq!(bytes, body.as_bytes());
+        assert_eq!(bytes.as_ptr(), at, "the event's own allocation");
+        // Without a body, or with a non-string one, there is none.
+        let g =
+            GatewayEvent::from_value(json!({"httpMethod": "GET", "path": "/health", "body": 5}));
+        assert_eq!(g.unwrap().body, None);
     }
 }

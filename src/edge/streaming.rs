@@ -37,10 +37,14 @@ impl Proxy {
         invocation: Invocation,
     ) -> StreamResponse<Body> {
         let (span, ending) = self.begin(&invocation);
-        let parsed = GatewayEvent::parse(&event).map(|e| (e.front(), e.start_ms, e.path.clone()));
+        // Parsed once; the body moves from the event to the upstream request without a copy.
+        let event = GatewayEvent::from_value(event);
+        let parsed = event
+            .as_ref()
+            .map(|e| (e.front(), e.start_ms, e.path.clone()));
         let (proxy, inv, end) = (self.clone(), invocation.clone(), ending.clone());
         let task = tokio::spawn(
-            async move { proxy.answer(&event, &inv, &end, true).await }.instrument(span.clone()),
+            async move { proxy.answer(event, &inv, &end, true).await }.instrument(span.clone()),
         );
         let mut done = match task.await {
             Ok(done) => done,
@@ -98,10 +102,10 @@ impl Proxy {
                 sleeper,
             )
             .await;
-            // Close the upstream connection, then end the body, then log.
+            // Close the upstream connection, log and record, then end the body: once the body
+            // has ended Lambda may freeze the environment, and the metrics extension pairs the
+            // record with this invocation when the response is complete.
             drop(reader);
-            let first_at = sink.first_at;
-            drop(sink);
             if let Some(detail) = &report.detail {
                 tracing::warn!(
                     stream_outcome = report.outcome.as_str(),
@@ -112,12 +116,13 @@ impl Proxy {
                 );
             }
             let log = StreamLog {
-                first_byte_ms: first_at.map(|t| t.saturating_sub(ending.started)),
+                first_byte_ms: sink.first_at.map(|t| t.saturating_sub(ending.started)),
                 bytes: report.bytes,
                 outcome: report.outcome,
             };
             let (id, summary, budget) = (&done.request_id, &done.summary, &done.budget);
             proxy.finish(id, summary, &done.resp, budget, &ending, Some(&log));
+            drop(sink);
         };
         tokio::spawn(task.instrument(span));
         StreamResponse {
