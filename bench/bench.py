@@ -385,6 +385,55 @@ async def bench_outage(args):
             s.stop()
 
 
+async def bench_fallback(args, requests=5):
+    """Issue #13: the primary answers 500 every time, a backup is healthy. Time to a 200 through
+    the function with both upstreams (`UPSTREAMS`; `requests` in a row: the first switches after
+    FALLBACK_AFTER_FAILURES, later ones find the primary's breaker open), against the seed's loop
+    and the function with one upstream (both only know the primary)."""
+    primary = Simulator(args.sim_bin, "fallback-primary", "500").start()
+    backup = Simulator(args.sim_bin, "fallback-backup", "ok").start()
+    fns = []
+    try:
+        ups = json.dumps([{"name": "primary", "base_url": primary.base_url, "api_key": "sk-sim-primary"},
+                          {"name": "backup", "base_url": backup.base_url, "api_key": "sk-sim-backup"}])
+        two = Function("fallback-two-upstreams", [args.proxy_bin], proxy_env(primary, "none", {"UPSTREAMS": ups}))
+        one = Function("fallback-one-upstream", [args.proxy_bin], proxy_env(primary, "none"))
+        naive = Function("fallback-naive", [sys.executable, str(ROOT / "bench" / "naive_loop.py")],
+                         {"OPENAI_BASE_URL": primary.base_url, "OPENAI_API_KEY": "sk-sim-not-a-real-key",
+                          "PYTHONUNBUFFERED": "1"})
+        fns = [two, one, naive]
+        for fn in fns:
+            await fn.start(log_mode="w")
+        for fn in fns:
+            await fn.wait_init()
+        slow = asyncio.gather(call_through_gateway(one), call_through_gateway(naive))
+        ours = [await call_through_gateway(two) for _ in range(requests)]
+        one_r, naive_r = await slow
+        return {"two_upstreams": ours, "one_upstream": one_r, "naive": naive_r}
+    finally:
+        for fn in fns:
+            await fn.stop()
+        primary.stop()
+        backup.stop()
+
+
+def fallback_rows(f):
+    rows = []
+    for i, r in enumerate(f["two_upstreams"]):
+        c = r["caller"]
+        label = "7 healthy backup: ours, 2 upstreams, request %d" % (i + 1)
+        detail = ("primary 500s: 2 attempts there (FALLBACK_AFTER_FAILURES), then the backup" if i == 0 else
+                  "primary's breaker (BREAKER_FAILURES=5 in a row, across requests) opens, then it is skipped")
+        rows.append((label, f"{c['status']} after {c['after_s']:.2f} s", detail,
+                     f"fn busy {r['function_busy_s']:.2f} s", r["function_end"]))
+    for key, label in (("one_upstream", "ours, 1 upstream"), ("naive", "naive loop")):
+        r = f[key]
+        c = r["caller"]
+        rows.append((f"7 healthy backup: {label}", f"{c['status']} after {c['after_s']:.1f} s",
+                     short_body(c["body"]), f"fn busy {r['function_busy_s']:.1f} s", r["function_end"]))
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------
 # Report
 
@@ -472,6 +521,8 @@ def build_table(r):
                      f"vs none: {dd50:+.3f} / {dd99:+.3f} ms; env busy (till extensions idle) "
                      f"{busy['p50_ms']:.3f} / {busy['p99_ms']:.3f} ms" + (f" [{note}]" if note else ""),
                      "within noise", verdict(ok)))
+    if r.get("fallback"):
+        rows.extend(fallback_rows(r["fallback"]))
     for sc in r["outage"]["scenarios"]:
         for side in ("ours", "naive"):
             c = sc[side]["caller"]
@@ -513,6 +564,10 @@ def render(rows):
 
 
 async def main_async(args):
+    if args.fallback_only:
+        rows = fallback_rows(await bench_fallback(args))
+        print(render(rows))
+        return
     started = time.time()
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "machine": machine(), "command": "make bench",
@@ -566,6 +621,8 @@ async def main_async(args):
         else:
             print("[bench] outage scenarios (~30 s, all concurrently) ...", file=sys.stderr, flush=True)
             scen, wall = await bench_outage(args)
+            print("[bench] outage with a healthy backup (~30 s) ...", file=sys.stderr, flush=True)
+            results["fallback"] = await bench_fallback(args)
         results["outage"] = {"scenarios": scen, "wall_s": round(wall, 1)}
     finally:
         sim.stop()
@@ -598,6 +655,8 @@ def main():
     ap.add_argument("--invocations", type=int, default=2000)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--no-outage", action="store_true", help="skip the ~30 s outage scenarios")
+    ap.add_argument("--fallback-only", action="store_true",
+                    help="only the 'outage with a healthy backup' scenario (issue #13), printed")
     args = ap.parse_args()
     LOGS.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT / "bench"))
