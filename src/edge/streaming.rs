@@ -102,10 +102,10 @@ impl Proxy {
                 sleeper,
             )
             .await;
-            // Close the upstream connection, then end the body, then log.
+            // Close the upstream connection, log and record, then end the body: once the body
+            // has ended Lambda may freeze the environment, and the metrics extension pairs the
+            // record with this invocation when the response is complete.
             drop(reader);
-            let first_at = sink.first_at;
-            drop(sink);
             if let Some(detail) = &report.detail {
                 tracing::warn!(
                     stream_outcome = report.outcome.as_str(),
@@ -116,12 +116,13 @@ impl Proxy {
                 );
             }
             let log = StreamLog {
-                first_byte_ms: first_at.map(|t| t.saturating_sub(ending.started)),
+                first_byte_ms: sink.first_at.map(|t| t.saturating_sub(ending.started)),
                 bytes: report.bytes,
                 outcome: report.outcome,
             };
             let (id, summary, budget) = (&done.request_id, &done.summary, &done.budget);
             proxy.finish(id, summary, &done.resp, budget, &ending, Some(&log));
+            drop(sink);
         };
         tokio::spawn(task.instrument(span));
         StreamResponse {
