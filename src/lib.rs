@@ -12,7 +12,30 @@ pub mod retry;
 pub mod secrets;
 pub mod stream;
 pub mod telemetry;
+pub mod transport;
 pub mod upstream;
 pub mod upstreams;
 
 pub use edge::{Invocation, Proxy};
+
+// The library face, for a handler of your own (`examples/draft_refine.rs` makes two OpenAI calls
+// under one invocation deadline with these):
+// - the time budget: [`Budget::compute`] turns the Lambda deadline (and a gateway's start time,
+//   if any) into the epoch ms by which every call and sleep must be over;
+// - the retry engine: [`RetryEngine::run`] retries an attempt closure with jittered backoff and
+//   `Retry-After`, never starting an attempt or a sleep that cannot end before that deadline,
+//   and says how the run ended ([`RunOutcome`]); clock, sleep and randomness are injected
+//   ([`SystemClock`], [`TokioSleeper`], [`FastRandJitter`] in production);
+// - the upstream client: [`UpstreamClient::send`] is one attempt, one HTTP exchange with an
+//   OpenAI-compatible API ([`UpstreamSpec`]: base URL, OpenAI or Azure auth), classified into an
+//   [`AttemptOutcome`] the engine understands.
+pub use budget::{Budget, DeadlineSettings, GatewayKind};
+pub use config::KeySource;
+/// The retry engine (`retry::Engine`): its settings and [`RetryEngine::run`], the loop.
+pub use retry::Engine as RetryEngine;
+pub use retry::{
+    AttemptOutcome, AttemptPlan, Clock, FailureKind, FastRandJitter, GiveUpReason, Jitter,
+    RetryPolicy, RetryRun, RunOutcome, Sleeper, SystemClock, TokioSleeper, UpstreamReply, epoch_ms,
+};
+pub use upstream::{ForwardRequest, UpstreamClient};
+pub use upstreams::{UpstreamKind, UpstreamSpec};

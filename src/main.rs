@@ -8,6 +8,7 @@ use openai_lambda_proxy::config::{InvokeMode, Settings};
 use openai_lambda_proxy::secrets::Secrets;
 use openai_lambda_proxy::telemetry::backend::Metrics;
 use openai_lambda_proxy::telemetry::logs;
+use openai_lambda_proxy::transport;
 use openai_lambda_proxy::{Invocation, Proxy};
 use serde_json::Value;
 
@@ -17,7 +18,7 @@ async fn main() -> Result<(), Error> {
     let settings = Settings::from_env();
     let uses_secrets = settings.as_ref().is_ok_and(Settings::uses_secrets);
     let aws = if uses_secrets || Metrics::needs_aws_config(settings.as_ref().ok()) {
-        Some(aws_config::load_from_env().await)
+        Some(transport::aws_config().load().await)
     } else {
         None
     };

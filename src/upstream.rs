@@ -57,7 +57,7 @@ impl UpstreamClient {
         connect_timeout_ms: u64,
         max_body_bytes: usize,
     ) -> Result<UpstreamClient, reqwest::Error> {
-        let http = reqwest::Client::builder()
+        let http = crate::transport::client_builder()
             .connect_timeout(Duration::from_millis(connect_timeout_ms))
             // Never follow redirects: the server's key must not travel to another host.
             .redirect(redirect::Policy::none())

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import textwrap
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from local_stack import FUNCTION, REPO, LocalStack  # noqa: E402
+from local_stack import FUNCTION, REPO, LocalStack, free_port, http_json, stop_process, wait_for_port  # noqa: E402
 
 REAL = bool(os.environ.get("OPENAI_API_KEY"))
 
@@ -31,7 +32,7 @@ SCENARIOS = [
     ("Bad input: unknown route", "apigw-v2-unknown-route.json", "ok", "ok"),
 ]
 FAULTS = {"500,500,ok", "429:ra-ms=300,ok", "503"}
-LOG_KEYS = ["level", "message", "attempt", "status", "error_kind", "latency_ms", "decision", "reason",
+LOG_KEYS = ["level", "message", "upstream", "attempt", "status", "error_kind", "latency_ms", "decision", "reason",
             "next_delay_ms", "remaining_ms", "code", "outcome", "attempts", "elapsed_ms", "budget_ms",
             "upstream_request_ids", "cold_start", "_aws"]
 
@@ -71,19 +72,69 @@ def main() -> int:
                   + ("" if REAL else f"    (simulator script: {script})"))
             resp = stack.invoke(REPO / "events" / event)
             headers = resp.get("headers") or {}
-            shown = {k: v for k, v in headers.items()
-                     if k in ("content-type", "x-upstream-attempts", "x-request-id", "x-should-retry", "retry-after",
-                              "x-lambda-request-id")}
-            print(f"    -> {resp.get('statusCode')}  {json.dumps(shown)}")
-            print(show_body(resp))
-            rid = headers.get("x-lambda-request-id")
-            if rid:
-                print("    log lines:")
-                for line in stack.logs_for(rid):
-                    print(show_log(line))
-            print()
-    print("== demo finished; simulator and cargo lambda watch stopped")
+            show_response(stack, resp)
+        if not REAL:
+            fallback_demo(Path(tmp))
+    print("== demo finished; simulators and cargo lambda watch stopped")
     return 0
+
+
+SHOWN_HEADERS = ("content-type", "x-upstream-attempts", "x-request-id", "x-should-retry", "retry-after",
+                 "x-lambda-request-id", "x-proxy-upstream", "x-proxy-fallbacks", "x-proxy-model")
+
+
+def show_response(stack: LocalStack, resp: dict) -> None:
+    headers = resp.get("headers") or {}
+    shown = {k: v for k, v in headers.items() if k in SHOWN_HEADERS}
+    print(f"    -> {resp.get('statusCode')}  {json.dumps(shown)}")
+    print(show_body(resp))
+    rid = headers.get("x-lambda-request-id")
+    if rid:
+        print("    log lines:")
+        for line in stack.logs_for(rid):
+            print(show_log(line))
+    print()
+
+
+def fallback_demo(tmp: Path) -> None:
+    """Spec §11: two simulators as two upstreams; an outage of the primary is rescued by the
+    backup, the primary's circuit breaker opens, and when both are down the answer is clear."""
+    target = Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target")
+    sims, ports = [], {}
+    try:
+        for name in ("primary", "backup"):
+            ports[name] = free_port()
+            sims.append(subprocess.Popen([str(target / "release" / "openai-simulator"), "--port", str(ports[name])],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+            wait_for_port(ports[name], 20, sims[-1])
+        upstreams = [{"name": n, "base_url": f"http://127.0.0.1:{p}/v1", "api_key": f"sk-sim-{n}"}
+                     for n, p in ports.items()]
+        # Single quotes: cargo lambda's --env-file (dotenv) takes them literally; bare JSON is a parse error.
+        env = {"UPSTREAMS": f"'{json.dumps(upstreams)}'", "BREAKER_FAILURES": "2", "BREAKER_COOLDOWN_MS": "30000"}
+
+        def script(name: str, text: str) -> None:
+            base = f"http://127.0.0.1:{ports[name]}"
+            http_json("PUT", base + "/_sim/default", text.encode())
+            http_json("PUT", base + "/_sim/script", text.encode())
+
+        print("== fallback upstreams (UPSTREAMS: primary, backup; BREAKER_FAILURES=2)\n")
+        with LocalStack(tmp / "fallback", env=env) as stack:
+            event = REPO / "events" / "apigw-v2-chat-completion.json"
+            for title, primary, backup in [
+                ("Outage of the primary (503 every time): the backup serves", "503", "ok"),
+                ("The primary's breaker is open: straight to the backup, no wasted attempt", "503", "ok"),
+                ("Both down: the clear 502, attempts counted per upstream", "503", "503"),
+                ("Every breaker open: 503 upstream_circuit_open at once, retry-after", "503", "503"),
+            ]:
+                script("primary", primary)
+                script("backup", backup)
+                print(f"--- {title}")
+                print(f"    cargo lambda invoke {FUNCTION} --data-file events/{event.name}"
+                      f"    (primary: {primary}, backup: {backup})")
+                show_response(stack, stack.invoke(event))
+    finally:
+        for proc in sims:
+            stop_process(proc, timeout=5, group=True)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,14 @@ ensure_venv_sam() {
     if (( ! fresh )); then
         [[ -x "$VENV/bin/python3" ]] || python3 -m venv "$VENV"
         printf '*\n' > "$VENV/.gitignore"   # keep the venv out of git
-        "$VENV/bin/pip" install -q --disable-pip-version-check -r "$req" >"$VENV/pip.log" 2>&1 \
-            || { cat "$VENV/pip.log" >&2; echo "$who: pip install failed" >&2; exit 1; }
+        # One retry: a registry hiccup should not fail the whole test run.
+        local try
+        for try in 1 2; do
+            "$VENV/bin/pip" install -q --disable-pip-version-check -r "$req" >"$VENV/pip.log" 2>&1 \
+                && break
+            (( try == 2 )) && { cat "$VENV/pip.log" >&2; echo "$who: pip install failed" >&2; exit 1; }
+            sleep 5
+        done
         echo "$want" > "$stamp"
     fi
 }

@@ -30,7 +30,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
@@ -170,37 +170,49 @@ impl FlushQueue {
     }
 }
 
+/// Builds the CloudWatch client the first time a record is published.
+type MakeClient = Box<dyn FnOnce() -> Client + Send>;
+
 /// Publishes records with `PutMetricData`.
 pub struct Publisher {
-    client: Client,
+    client: LazyLock<Client, MakeClient>,
     namespace: String,
     function_name: String,
 }
 
 impl Publisher {
     pub fn new(client: Client, namespace: String, function_name: String) -> Publisher {
+        Publisher::lazy(Box::new(move || client), namespace, function_name)
+    }
+
+    fn lazy(make: MakeClient, namespace: String, function_name: String) -> Publisher {
         Publisher {
-            client,
+            client: LazyLock::new(make),
             namespace,
             function_name,
         }
     }
 
     /// A client from the shared AWS configuration (region, credentials, `AWS_ENDPOINT_URL`),
-    /// with a short connect timeout: metrics never hold an environment for long.
+    /// with a short connect timeout: metrics never hold an environment for long. The client is
+    /// built on the first publish, after the first response, not during init.
     pub fn from_sdk_config(
         config: &aws_config::SdkConfig,
         namespace: String,
         function_name: String,
     ) -> Publisher {
-        let timeouts = aws_config::timeout::TimeoutConfig::builder()
-            .connect_timeout(Duration::from_secs(1))
-            .operation_timeout(PUT_TIMEOUT)
-            .build();
-        let conf = aws_sdk_cloudwatch::config::Builder::from(config)
-            .timeout_config(timeouts)
-            .build();
-        Publisher::new(Client::from_conf(conf), namespace, function_name)
+        let config = config.clone();
+        let make = move || {
+            let timeouts = aws_config::timeout::TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(1))
+                .operation_timeout(PUT_TIMEOUT)
+                .build();
+            let conf = aws_sdk_cloudwatch::config::Builder::from(&config)
+                .timeout_config(timeouts)
+                .build();
+            Client::from_conf(conf)
+        };
+        Publisher::lazy(Box::new(make), namespace, function_name)
     }
 
     /// The `MetricData` of one record: every §8 metric, dimension `FunctionName`.

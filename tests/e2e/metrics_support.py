@@ -1,7 +1,7 @@
 """Helpers for the metrics end-to-end tests (tests/e2e/test_metrics*.py).
 
-The real function binary runs against `LambdaEmulator`, a small Lambda Runtime API + Extensions
-API written here, so the test sees what Lambda sees: when the response was posted, and when
+The real function binary runs against tools/lambda_emulator.py (Lambda's Runtime API + Extensions
+API, shared with bench/), so the test sees what Lambda sees: when the response was posted, and when
 the internal extension called `/next` again (the moment Lambda may freeze the environment).
 CloudWatch is tools/cw_cbor_front.py in front of an in-process moto; boto3 reads moto back.
 """
@@ -15,12 +15,11 @@ import subprocess
 import threading
 import time
 import uuid
-from collections import deque
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import boto3
-from local_stack import QuietServer, http_json, stop_process  # tools/, put on sys.path by conftest.py
+from lambda_emulator import Invocation, ThreadedEmulator, now_ms  # tools/, put on sys.path by conftest.py
+from local_stack import http_json, stop_process
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,10 +44,6 @@ COUNT_METRICS = [
 # only comes with a real stream, INVOKE_MODE=RESPONSE_STREAM), in the order the code emits them.
 ALL_METRICS = COUNT_METRICS[:-1] + ["UpstreamLatency", "ColdStart"]
 STREAM_METRICS = ["TimeToFirstByte"]
-
-
-def now_ms() -> float:
-    return time.time() * 1000
 
 
 def binary(name: str) -> Path:
@@ -203,191 +198,6 @@ class CloudWatchFront:
         self.p.stop()
 
 
-class Invocation:
-    def __init__(self, request_id: str, event: dict, deliver_to_extension: bool):
-        self.request_id = request_id
-        self.event = event
-        self.deadline_ms = int(now_ms()) + 30_000
-        self.deliver_to_extension = deliver_to_extension
-        self.sent_at_ms: float | None = None
-        self.response_at_ms: float | None = None
-        self.response: dict | None = None
-        self.error: dict | None = None
-        self.extension_got_at_ms: float | None = None
-        self.extension_done_at_ms: float | None = None
-
-
-class LambdaEmulator:
-    """Runtime API (`/2018-06-01/runtime/...`) and Extensions API (`/2020-01-01/extension/...`).
-
-    Like Lambda, the next event is handed out only once the previous invocation is complete:
-    the response posted and every extension that got the INVOKE back on `/next`.
-    `miss_first_invoke=True` reproduces `cargo lambda watch`, whose first INVOKE never reaches
-    the extension.
-    """
-
-    def __init__(self, miss_first_invoke: bool = False):
-        self.cond = threading.Condition()
-        self.miss_first_invoke = miss_first_invoke
-        self.runtime_queue: deque[Invocation] = deque()
-        self.extension_queue: deque[Invocation] = deque()
-        self.invocations: dict[str, Invocation] = {}
-        self.extensions: list[dict] = []
-        self.extension_busy: Invocation | None = None
-        self.count = 0
-        self.init_errors: list[str] = []
-        emulator = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, fmt, *args):
-                pass
-
-            def _reply(self, status: int, body, headers: dict | None = None):
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _body(self) -> bytes:
-                n = int(self.headers.get("Content-Length") or 0)
-                return self.rfile.read(n) if n else b""
-
-            def do_GET(self):
-                if self.path == "/2018-06-01/runtime/invocation/next":
-                    inv = emulator._next(emulator.runtime_queue)
-                    return self._reply(200, inv.event, {
-                        "Lambda-Runtime-Aws-Request-Id": inv.request_id,
-                        "Lambda-Runtime-Deadline-Ms": str(inv.deadline_ms),
-                        "Lambda-Runtime-Invoked-Function-Arn":
-                            f"arn:aws:lambda:{REGION}:123456789012:function:{FUNCTION_NAME}",
-                        "Lambda-Runtime-Trace-Id": "Root=1-00000000-000000000000000000000000;Sampled=0",
-                    })
-                if self.path == "/2020-01-01/extension/event/next":
-                    with emulator.cond:
-                        if emulator.extension_busy is not None:
-                            emulator.extension_busy.extension_done_at_ms = now_ms()
-                            emulator.extension_busy = None
-                            emulator.cond.notify_all()
-                    inv = emulator._next(emulator.extension_queue)
-                    with emulator.cond:
-                        inv.extension_got_at_ms = now_ms()
-                        emulator.extension_busy = inv
-                    return self._reply(200, {
-                        "eventType": "INVOKE",
-                        "deadlineMs": inv.deadline_ms,
-                        "requestId": inv.request_id,
-                        "invokedFunctionArn":
-                            f"arn:aws:lambda:{REGION}:123456789012:function:{FUNCTION_NAME}",
-                        "tracing": {"type": "X-Amzn-Trace-Id", "value": "Root=1-0-0;Sampled=0"},
-                    })
-                self._reply(404, {"errorMessage": f"no route GET {self.path}"})
-
-            def do_POST(self):
-                body = self._body()
-                m = re.fullmatch(r"/2018-06-01/runtime/invocation/([^/]+)/(response|error)", self.path)
-                if m:
-                    with emulator.cond:
-                        inv = emulator.invocations[m.group(1)]
-                        inv.response_at_ms = now_ms()
-                        if m.group(2) == "response":
-                            inv.response = json.loads(body)
-                        else:
-                            inv.error = json.loads(body or b"{}")
-                        emulator.cond.notify_all()
-                    return self._reply(202, {"status": "OK"})
-                if self.path == "/2020-01-01/extension/register":
-                    with emulator.cond:
-                        emulator.extensions.append({
-                            "name": self.headers.get("Lambda-Extension-Name"),
-                            "events": json.loads(body).get("events"),
-                        })
-                        emulator.cond.notify_all()
-                    return self._reply(200, {
-                        "functionName": FUNCTION_NAME,
-                        "functionVersion": "$LATEST",
-                        "handler": "bootstrap",
-                    }, {"Lambda-Extension-Identifier": str(uuid.uuid4())})
-                if self.path in ("/2018-06-01/runtime/init/error", "/2020-01-01/extension/init/error"):
-                    with emulator.cond:
-                        emulator.init_errors.append(body.decode(errors="replace"))
-                        emulator.cond.notify_all()
-                    return self._reply(202, {"status": "OK"})
-                self._reply(404, {"errorMessage": f"no route POST {self.path}"})
-
-        self.server = QuietServer(("127.0.0.1", 0), Handler)
-        self.address = f"127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def _next(self, q: deque) -> Invocation:
-        with self.cond:
-            while not q:
-                self.cond.wait()
-            return q.popleft()
-
-    def _complete(self, inv: Invocation) -> bool:
-        if inv.response_at_ms is None:
-            return False
-        if inv.extension_got_at_ms is None:
-            return not inv.deliver_to_extension
-        return inv.extension_done_at_ms is not None
-
-    def wait_complete(self, inv: Invocation, timeout: float = 15) -> None:
-        """Until Lambda could freeze: response posted and the extension back on `/next`."""
-        end = time.monotonic() + timeout
-        with self.cond:
-            while not self._complete(inv):
-                left = end - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"invocation {inv.request_id} never completed")
-                self.cond.wait(left)
-
-    def wait_registered(self, timeout: float = 15) -> None:
-        end = time.monotonic() + timeout
-        with self.cond:
-            while not self.extensions:
-                left = end - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError("no extension registered")
-                self.cond.wait(left)
-
-    def invoke(self, event: dict, timeout: float = 30) -> Invocation:
-        """Sends one event (after the previous invocation completed) and waits for its response."""
-        with self.cond:
-            for prev in self.invocations.values():
-                end = time.monotonic() + timeout
-                while not self._complete(prev):
-                    left = end - time.monotonic()
-                    if left <= 0:
-                        raise TimeoutError(f"previous invocation {prev.request_id} never completed")
-                    self.cond.wait(left)
-            self.count += 1
-            to_extension = bool(self.extensions) and not (self.miss_first_invoke and self.count == 1)
-            inv = Invocation(str(uuid.uuid4()), event, to_extension)
-            self.invocations[inv.request_id] = inv
-            inv.sent_at_ms = now_ms()
-            self.runtime_queue.append(inv)
-            if to_extension:
-                self.extension_queue.append(inv)
-            self.cond.notify_all()
-            end = time.monotonic() + timeout
-            while inv.response_at_ms is None:
-                left = end - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"no response for {inv.request_id}")
-                self.cond.wait(left)
-        return inv
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def chat_event() -> dict:
     event = json.loads((REPO / "events" / "apigw-v2-chat-completion.json").read_text())
     event.setdefault("headers", {})["authorization"] = f"Bearer {TOKEN}"
@@ -421,11 +231,11 @@ def function_env(sim_url: str, runtime_api: str, namespace: str, backend: str,
 
 
 class Function:
-    """The real function binary on a fresh LambdaEmulator."""
+    """The real function binary on a fresh emulated execution environment."""
 
     def __init__(self, sim: Simulator, namespace: str, backend: str = "cloudwatch",
                  endpoint_url: str = "http://127.0.0.1:9", miss_first_invoke: bool = False):
-        self.emulator = LambdaEmulator(miss_first_invoke=miss_first_invoke)
+        self.emulator = ThreadedEmulator(FUNCTION_NAME, miss_first_invoke=miss_first_invoke)
         env = function_env(sim.url, self.emulator.address, namespace, backend, endpoint_url)
         self.p = Process([str(binary("openai-lambda-proxy"))], env=env, name="function")
         if backend == "cloudwatch":

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use aws_config::BehaviorVersion;
 use aws_sdk_secretsmanager::config::{Credentials, Region};
 
 pub const REGION: &str = "us-east-1";
@@ -134,7 +133,7 @@ fn http_answers(addr: SocketAddr) -> bool {
 /// A Secrets Manager client of the real SDK, pointed at `endpoint` with dummy credentials.
 /// Retries are the SDK's defaults, as in the function.
 pub async fn secrets_client(endpoint: &str) -> aws_sdk_secretsmanager::Client {
-    let config = aws_config::defaults(BehaviorVersion::latest())
+    let config = openai_lambda_proxy::transport::aws_config()
         .endpoint_url(endpoint)
         .region(Region::new(REGION))
         .credentials_provider(Credentials::new(
@@ -154,7 +153,7 @@ pub async fn secrets_client_as(
     endpoint: &str,
     credentials: Credentials,
 ) -> aws_sdk_secretsmanager::Client {
-    let config = aws_config::defaults(BehaviorVersion::latest())
+    let config = openai_lambda_proxy::transport::aws_config()
         .endpoint_url(endpoint)
         .region(Region::new(REGION))
         .credentials_provider(credentials)
@@ -169,7 +168,9 @@ async fn iam_call(moto: &Moto, params: &[(&str, &str)]) -> String {
     for (k, v) in params {
         form.push_str(&format!("&{k}={v}"));
     }
-    let resp = reqwest::Client::new()
+    let resp = openai_lambda_proxy::transport::client_builder()
+        .build()
+        .unwrap()
         .post(moto.endpoint())
         .header("content-type", "application/x-www-form-urlencoded")
         // moto routes by the credential scope's service name.
@@ -214,7 +215,9 @@ pub async fn iam_user_without_policies(moto: &Moto, name: &str) -> Credentials {
 
 /// From now on moto checks every request's signature and the caller's IAM policies.
 pub async fn enforce_iam(moto: &Moto) {
-    let resp = reqwest::Client::new()
+    let resp = openai_lambda_proxy::transport::client_builder()
+        .build()
+        .unwrap()
         .post(format!("{}/moto-api/reset-auth", moto.endpoint()))
         .body("0")
         .send()
