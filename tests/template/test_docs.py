@@ -93,7 +93,7 @@ def test_the_readme_stays_short_and_links_the_docs():
 
 def settings_read_by_the_code() -> set:
     """Every environment variable src/config.rs (or a src/config/ module) reads through its
-    lookup (`env.get`, `env.number`, `env.optional_number`, `env.flag`), and every
+    lookup (`.get`, `.number`, `.optional_number`, `.flag` on whatever holds it), and every
     `std::env::var` in src/."""
     names = set()
     config = [ROOT / "src/config.rs", *sorted((ROOT / "src/config").rglob("*.rs"))]
@@ -101,7 +101,7 @@ def settings_read_by_the_code() -> set:
         if path.is_file():
             names |= set(
                 re.findall(
-                    r"\benv\s*\.\s*(?:get|number|optional_number|flag)\(\s*\"([A-Z][A-Z0-9_]+)\"", path.read_text()
+                    r"\.\s*(?:get|number|optional_number|flag)\(\s*\"([A-Z][A-Z0-9_]+)\"", path.read_text()
                 )
             )
     for path in (ROOT / "src").rglob("*.rs"):
