@@ -63,7 +63,7 @@ pub struct Proxy {
 struct Ready {
     settings: Settings,
     upstream: UpstreamClient,
-    /// Kept across warm invocations (and shared by concurrent ones), by position in the list.
+    /// Kept across warm invocations (and shared by concurrent ones), by upstream name.
     breakers: Breakers,
     latency: LatencyBook,
 }
@@ -533,7 +533,7 @@ impl Proxy {
             }
         }
 
-        let list = match self.upstream_list(settings, within).await {
+        let list = match self.upstream_list(ready, within).await {
             Ok(list) => list,
             Err(e) => return config_error(summary, id, e.setting, &e.problem),
         };
