@@ -7,7 +7,7 @@ for the direct-to-simulator baseline. Each figure is measured against its baseli
 run, measured the same way (same loop, same clock, same kind of "one HTTP message out, one in"
 window), interleaved round-robin so drift hits both sides alike.
 
-What each figure means: README.md, section "Benchmarks".
+What each figure means: docs/benchmarks.md.
 """
 
 import argparse

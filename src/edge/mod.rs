@@ -84,7 +84,7 @@ pub struct Proxy {
 struct Ready {
     settings: Settings,
     upstream: UpstreamClient,
-    /// Kept across warm invocations (and shared by concurrent ones), by position in the list.
+    /// Kept across warm invocations (and shared by concurrent ones), by upstream name.
     breakers: Breakers,
     latency: LatencyBook,
 }
@@ -346,7 +346,7 @@ impl Proxy {
         let on = |r: Rejection| r.on(route.path, model.clone());
         let config = |e: crate::secrets::SecretError| on(Rejection::config(e.setting, &e.problem));
         let list = self
-            .upstream_list(settings, call.within)
+            .upstream_list(ready, call.within)
             .await
             .map_err(config)?;
         admit::own_host(ev, &list, settings).map_err(on)?;

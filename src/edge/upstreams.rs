@@ -52,15 +52,21 @@ impl Routed<'_> {
 }
 
 impl Proxy {
-    /// The upstream list: from the settings, or read from `UPSTREAMS_SECRET_ARN`.
+    /// The upstream list: from the settings, or read from `UPSTREAMS_SECRET_ARN` (cached; a
+    /// refreshed list may drop upstreams, and their breakers go with them).
     pub(super) async fn upstream_list(
         &self,
-        settings: &Settings,
+        ready: &Ready,
         within: std::time::Duration,
     ) -> Result<Arc<[UpstreamSpec]>, SecretError> {
-        match &settings.upstreams {
+        match &ready.settings.upstreams {
             UpstreamsSource::List(list) => Ok(Arc::from(list.as_slice())),
-            UpstreamsSource::SecretArn(arn) => self.secrets.upstreams(arn, within).await,
+            UpstreamsSource::SecretArn(arn) => {
+                let list = self.secrets.upstreams(arn, within).await?;
+                let names: Vec<&str> = list.iter().map(|u| u.name.as_str()).collect();
+                ready.breakers.keep_only(&names);
+                Ok(list)
+            }
         }
     }
 
