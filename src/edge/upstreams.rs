@@ -7,14 +7,12 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use serde_json::Value;
 
+use super::finish::log_attempt;
 use super::routes::Route;
-use super::{Proxy, Ready, log_attempt};
+use super::{Proxy, Ready};
 use crate::budget::Budget;
 use crate::config::{KeySource, Settings};
-use crate::retry::{
-    AttemptPlan, AttemptRecord, Engine, FastRandJitter, RetryPolicy, RetryRun, RunOutcome,
-    SystemClock, TokioSleeper, epoch_ms,
-};
+use crate::retry::{AttemptPlan, AttemptRecord, Clock, Engine, RetryPolicy, RetryRun, RunOutcome};
 use crate::secrets::SecretError;
 use crate::upstream::{ForwardRequest, LiveStream};
 use crate::upstreams::routing::Router;
@@ -104,10 +102,32 @@ impl Proxy {
         keys: Vec<Arc<str>>,
         budget: &Budget,
     ) -> RetryRun {
+        let run = self.run_engine(ready, req, &keys, budget, 0).await;
+        let rejected = match (&run.outcome, run.attempts.last()) {
+            (RunOutcome::Answer(r), Some(last)) if r.status == 401 => last.target.upstream,
+            _ => return run,
+        };
+        if !matches!(req.list[rejected].key, KeySource::SecretArn(_)) {
+            return run;
+        }
+        self.with_fresh_key(ready, req, &keys, budget, run, rejected)
+            .await
+    }
+
+    /// One run of the engine; `offset`: attempts already made (after a key refresh), which
+    /// spend from the same `RETRY_MAX_ATTEMPTS` (and deadline).
+    async fn run_engine(
+        &self,
+        ready: &Ready,
+        req: &Routed<'_>,
+        keys: &[Arc<str>],
+        budget: &Budget,
+        offset: u32,
+    ) -> RetryRun {
         let settings = &ready.settings;
         let engine = Engine {
             policy: RetryPolicy {
-                max_attempts: settings.retry_max_attempts,
+                max_attempts: settings.retry_max_attempts.saturating_sub(offset),
                 base_delay_ms: settings.retry_base_delay_ms,
                 max_delay_ms: settings.retry_max_delay_ms,
             },
@@ -125,39 +145,33 @@ impl Proxy {
             skip_hopeless: settings.skip_hopeless_attempts,
         };
         let names = router.names.clone();
-        let run_with = |keys: Vec<Arc<str>>, offset: u32| {
-            let (router, names) = (&router, &names);
-            // A run after a key refresh spends from the same RETRY_MAX_ATTEMPTS (and deadline).
-            let engine = Engine {
-                policy: RetryPolicy {
-                    max_attempts: engine.policy.max_attempts.saturating_sub(offset),
-                    ..engine.policy
-                },
-                ..engine
-            };
-            async move {
-                engine
-                    .run_routed(
-                        budget.deadline_ms,
-                        &SystemClock,
-                        &TokioSleeper,
-                        &mut FastRandJitter,
-                        router,
-                        |plan| self.attempt(ready, req, &keys, plan),
-                        |r| log_attempt(req, names, r, offset),
-                    )
-                    .await
-            }
-        };
-        let mut run = run_with(keys.clone(), 0).await;
-        let rejected = match (&run.outcome, run.attempts.last()) {
-            (RunOutcome::Answer(r), Some(last)) if r.status == 401 => last.target.upstream,
-            _ => return run,
-        };
-        if !matches!(req.list[rejected].key, KeySource::SecretArn(_)) {
-            return run;
-        }
-        let within = budget.time_left(epoch_ms());
+        let time = &self.time;
+        engine
+            .run_routed(
+                budget.deadline_ms,
+                time,
+                time,
+                &mut &*time,
+                &router,
+                |plan| self.attempt(ready, req, keys, plan),
+                |r| log_attempt(req, &names, r, offset),
+            )
+            .await
+    }
+
+    /// After upstream `rejected` refused its key (401): reads the key again and, if it was
+    /// rotated and an attempt is left, runs again with it; the two runs as one.
+    async fn with_fresh_key(
+        &self,
+        ready: &Ready,
+        req: &Routed<'_>,
+        keys: &[Arc<str>],
+        budget: &Budget,
+        mut run: RetryRun,
+        rejected: usize,
+    ) -> RetryRun {
+        let (settings, upstream) = (&ready.settings, &req.list[rejected].name);
+        let within = budget.time_left(self.time.now_ms());
         let Ok(fresh) = self
             .upstream_keys(settings, req.list, Some(rejected), within)
             .await
@@ -166,25 +180,16 @@ impl Proxy {
         };
         if fresh[rejected] == keys[rejected] {
             // Not rotated: the same key would be rejected again.
-            tracing::warn!(
-                upstream = %req.list[rejected].name,
-                "upstream rejected the key (401); the secret still holds the same key"
-            );
+            tracing::warn!(%upstream, "upstream rejected the key (401); the secret still holds the same key");
             return run;
         }
         let offset = run.attempts.len() as u32;
         if offset >= settings.retry_max_attempts {
-            tracing::warn!(
-                upstream = %req.list[rejected].name,
-                "upstream rejected the key (401); read a new one from Secrets Manager for the next request (no attempt left for this one)"
-            );
+            tracing::warn!(%upstream, "upstream rejected the key (401); read a new one from Secrets Manager for the next request (no attempt left for this one)");
             return run;
         }
-        tracing::warn!(
-            upstream = %req.list[rejected].name,
-            "upstream rejected the key (401); read it again from Secrets Manager and retrying once"
-        );
-        let second = run_with(fresh, offset).await;
+        tracing::warn!(%upstream, "upstream rejected the key (401); read it again from Secrets Manager and retrying once");
+        let second = self.run_engine(ready, req, &fresh, budget, offset).await;
         if matches!(second.outcome, RunOutcome::NoTimeToStart { .. }) {
             return run;
         }
@@ -197,7 +202,7 @@ impl Proxy {
         run.switches += second.switches;
         run.circuit_open |= second.circuit_open;
         run.skipped += second.skipped;
-        run.elapsed_ms = epoch_ms().saturating_sub(budget.started_ms);
+        run.elapsed_ms = self.time.now_ms().saturating_sub(budget.started_ms);
         run
     }
 
