@@ -20,21 +20,46 @@ pub struct Naming {
     pub plural: bool,
     /// Whether the message should point to status.openai.com.
     pub status_page: bool,
+    /// The default single upstream ("OpenAI"): messages keep their v1 wording.
+    pub default: bool,
 }
 
 impl Naming {
+    /// The default single upstream: "OpenAI", with its status page.
+    pub fn openai() -> Naming {
+        Naming {
+            phrase: "OpenAI".into(),
+            plural: false,
+            status_page: true,
+            default: true,
+        }
+    }
+
     /// The phrase at the start of a sentence.
     pub fn subject(&self) -> String {
-        let mut chars = self.phrase.chars();
-        chars.next().map_or_else(String::new, |first| {
-            first.to_uppercase().chain(chars).collect()
-        })
+        capitalized(&self.phrase)
+    }
+
+    /// "OpenAI's `noun`", or "the `noun` from the upstream `x` (openai)".
+    pub fn possessive(&self, noun: &str) -> String {
+        match self.default {
+            true => format!("{}'s {noun}", self.phrase),
+            false => format!("the {noun} from {}", self.phrase),
+        }
     }
 
     /// `singular` or `plural` to agree with the phrase ("is" / "are").
     pub fn verb<'a>(&self, singular: &'a str, plural: &'a str) -> &'a str {
         if self.plural { plural } else { singular }
     }
+}
+
+/// `s` with its first letter upper-cased, for the start of a sentence.
+pub fn capitalized(s: &str) -> String {
+    let mut chars = s.chars();
+    chars.next().map_or_else(String::new, |first| {
+        first.to_uppercase().chain(chars).collect()
+    })
 }
 
 /// Whether `list` is the default single upstream built from the §7 settings.
@@ -46,11 +71,7 @@ pub fn is_default(list: &[UpstreamSpec]) -> bool {
 /// ignored; list order is kept).
 pub fn naming(list: &[UpstreamSpec], which: &[usize]) -> Naming {
     if is_default(list) {
-        return Naming {
-            phrase: "OpenAI".into(),
-            plural: false,
-            status_page: true,
-        };
+        return Naming::openai();
     }
     let named: Vec<&UpstreamSpec> = list
         .iter()
@@ -71,6 +92,7 @@ pub fn naming(list: &[UpstreamSpec], which: &[usize]) -> Naming {
         phrase,
         plural: labels.len() != 1,
         status_page: named.iter().any(|u| is_openai_itself(u)),
+        default: false,
     }
 }
 
@@ -136,6 +158,7 @@ mod tests {
                     ("OpenAI".into(), false, true)
                 );
                 assert_eq!(n.verb("is", "are"), "is");
+                assert_eq!(n.possessive("stream"), "OpenAI's stream");
             }
         }
     }
@@ -147,6 +170,10 @@ mod tests {
         assert_eq!(one.phrase, "the upstream `azure-eu` (azure)");
         assert_eq!(one.subject(), "The upstream `azure-eu` (azure)");
         assert_eq!(one.verb("is", "are"), "is");
+        assert_eq!(
+            one.possessive("stream"),
+            "the stream from the upstream `azure-eu` (azure)"
+        );
         let two = naming(&l, &[2, 1, 2]);
         assert_eq!(
             two.phrase,
