@@ -542,14 +542,14 @@ def streaming_rows(st):
     f, d = t["function"], t["direct"]
     add50, add99 = f["p50_ms"] - d["p50_ms"], f["p99_ms"] - d["p99_ms"]
     ok = add50 <= 1.0 and add99 <= 2.0
-    rows = [(f"8 stream time to first byte (n={f['n']}) p50 / p99", f"{f['p50_ms']:.3f} / {f['p99_ms']:.3f} ms",
+    rows = [(f"9 stream time to first byte (n={f['n']}) p50 / p99", f"{f['p50_ms']:.3f} / {f['p99_ms']:.3f} ms",
              f"direct to simulator: {d['p50_ms']:.3f} / {d['p99_ms']:.3f} ms", "", ""),
-            ("8 stream TTFB added p50 / p99", f"+{add50:.3f} / +{add99:.3f} ms", "function URL event, RESPONSE_STREAM",
+            ("9 stream TTFB added p50 / p99", f"+{add50:.3f} / +{add99:.3f} ms", "function URL event, RESPONSE_STREAM",
              "p50 <= 1 ms, p99 <= 2 ms", verdict(ok))]
     small, big = st["rss"]["stream-rss-small"], st["rss"]["stream-rss-50m"]
     growth = big["vmhwm_mib"] - small["vmhwm_mib"]
     mb = big["bytes_each"] / 1e6
-    rows.append((f"9 peak RSS (VmHWM) streaming {mb:.0f} MB x{big['streams']}", f"{big['vmhwm_mib']:.1f} MiB",
+    rows.append((f"10 peak RSS (VmHWM) streaming {mb:.0f} MB x{big['streams']}", f"{big['vmhwm_mib']:.1f} MiB",
                  f"small streams x{small['streams']}: {small['vmhwm_mib']:.1f} MiB; {big['chunks_each']} chunks "
                  f"each, {mb * big['streams'] / big['seconds']:.0f} MB/s", f"flat (+{growth:.1f} MiB; <= 2 MiB)",
                  verdict(growth <= 2.0)))
@@ -790,13 +790,15 @@ async def main_async(args):
         load = os.getloadavg()[0]
         if args.only == "fallback":
             rows = fallback_rows(await bench_fallback(args))
+        elif args.only == "streaming":
+            streaming = await bench_streaming(args)
+            OUT.mkdir(parents=True, exist_ok=True)
+            (OUT / "streaming.json").write_text(json.dumps(streaming, indent=2) + "\n")
+            rows = streaming_rows(streaming)
         else:
             rows = hopeless_rows(await bench_hopeless(args))
         print(f"load avg {load:.1f} -> {os.getloadavg()[0]:.1f} ({os.cpu_count()} cores)")
         print(render(rows))
-        return
-    if args.only == "streaming":
-        await streaming_only(args)
         return
     started = time.time()
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -877,18 +879,6 @@ async def main_async(args):
     print(f"\nwritten: {OUT / 'results.json'} (logs in {LOGS})")
 
 
-async def streaming_only(args):
-    """`--only streaming`: the streaming figures alone, printed and written to streaming.json."""
-    m = machine()
-    st = await bench_streaming(args)
-    m["loadavg_at_end"] = os.getloadavg()[0]
-    table = render(streaming_rows(st))
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "streaming.json").write_text(json.dumps({"machine": m, "streaming": st, "table_text": table}, indent=2) + "\n")
-    print(f"{m['cores']} cores {m['cpu']}  load avg {m['loadavg_at_start']:.1f} -> {m['loadavg_at_end']:.1f}")
-    print(table)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--proxy-bin", type=Path, required=True)
@@ -900,16 +890,15 @@ def main():
     ap.add_argument("--invocations", type=int, default=2000)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--no-outage", action="store_true", help="skip the ~30 s outage scenarios")
-    ap.add_argument("--only", choices=["streaming"], default=None,
-                    help="only these figures, printed (streaming: time to first byte and peak RSS, §10)")
     ap.add_argument("--stream-invocations", type=int, default=1000)
     ap.add_argument("--stream-warmup", type=int, default=50)
     ap.add_argument("--stream-mb", type=int, default=50, help="size of the long stream of the RSS figure")
     ap.add_argument("--fallback-only", action="store_true",
                     help="only the 'outage with a healthy backup' scenario (issue #13), printed")
-    ap.add_argument("--only", choices=["fallback", "hopeless"], default=None,
+    ap.add_argument("--only", choices=["fallback", "hopeless", "streaming"], default=None,
                     help="run one scenario alone and print its rows: 'fallback' (outage with a healthy "
-                         "backup) or 'hopeless' (retries skipped vs started, ~2.5 min)")
+                         "backup), 'hopeless' (retries skipped vs started, ~2.5 min) or 'streaming' "
+                         "(time to first byte and peak RSS of a 50 MB stream, also in bench/out/streaming.json)")
     args = ap.parse_args()
     LOGS.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT / "bench"))
