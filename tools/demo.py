@@ -133,7 +133,7 @@ def show_stream(stack: LocalStack) -> None:
         if not line.startswith("data: "):
             continue
         data = line[len("data: "):]
-        at = f"    +{time.monotonic() - start:6.3f} s  "
+        at = f"    +{time.monotonic() - start:.3f} s  "
         if data == "[DONE]":
             print(at + "[DONE]")
             continue
@@ -142,7 +142,8 @@ def show_stream(stack: LocalStack) -> None:
             e = event["error"]
             print(at + f"error event: code={e['code']} message={e['message'][:90]!r}...")
         elif event.get("choices") and event["choices"][0]["delta"].get("content") is not None:
-            print(at + f"token {event['choices'][0]['delta']['content']!r}")
+            token = event["choices"][0]["delta"]["content"]
+            print(at + (f"token {token!r}" if token else "first chunk (role: assistant)"))
     conn.close()
     rid = resp.getheader("x-lambda-request-id")
     if rid:
