@@ -17,8 +17,8 @@ use serde_json::{Value, json};
 use tracing::Instrument;
 
 use crate::auth;
-use crate::budget::{Budget, DeadlineSettings, GatewayKind};
 use crate::config::{self, ConfigError, DEFAULT_UPSTREAM, KeySource, Settings};
+use crate::deadline::{Deadline, DeadlineSettings, GatewayKind};
 use crate::retry::{
     AttemptOutcome, AttemptRecord, Decision, FailureKind, GiveUpReason, RetryRun, RunOutcome,
     UpstreamReply, epoch_ms,
@@ -131,7 +131,7 @@ struct Answered {
     front: Option<Front>,
     resp: ProxyResponse,
     summary: Summary,
-    budget: Budget,
+    budget: Deadline,
     request_id: String,
 }
 
@@ -329,12 +329,12 @@ impl Proxy {
         invocation: &Invocation,
         gateway: Option<(GatewayKind, Option<u64>)>,
         started: u64,
-    ) -> Budget {
+    ) -> Deadline {
         let deadline = self
             .state
             .as_ref()
             .map_or_else(|_| DeadlineSettings::default(), |r| r.settings.deadline());
-        Budget::compute(invocation.deadline_ms, gateway, started, &deadline)
+        Deadline::compute(invocation.deadline_ms, gateway, started, &deadline)
     }
 
     /// The `request finished` line and the metrics record, each written once per invocation
@@ -344,7 +344,7 @@ impl Proxy {
         id: &str,
         summary: &Summary,
         resp: &ProxyResponse,
-        budget: &Budget,
+        budget: &Deadline,
         ending: &Ending,
         stream: Option<&StreamLog>,
     ) {
@@ -367,7 +367,7 @@ impl Proxy {
         }
     }
 
-    fn warn_about_emulators(&self, budget: &Budget, invocation: &Invocation) {
+    fn warn_about_emulators(&self, budget: &Deadline, invocation: &Invocation) {
         if budget.lambda_deadline_replaced
             && !self.warned_lambda_deadline.swap(true, Ordering::Relaxed)
         {
@@ -391,7 +391,7 @@ impl Proxy {
         ev: &GatewayEvent,
         body: EventBody,
         id: &str,
-        budget: &Budget,
+        budget: &Deadline,
         summary: &mut Summary,
     ) -> ProxyResponse {
         let reject = |summary: &mut Summary, code: ErrorCode, message: String| {
@@ -645,7 +645,7 @@ fn respond(
     run: RetryRun,
     req: &upstreams::Routed<'_>,
     id: &str,
-    budget: &Budget,
+    budget: &Deadline,
     summary: &mut Summary,
 ) -> ProxyResponse {
     let upstream = UpstreamSummary {
@@ -973,7 +973,7 @@ fn log_finished(
     s: &Summary,
     resp: &ProxyResponse,
     elapsed_ms: u64,
-    budget: &Budget,
+    budget: &Deadline,
     cold_start: bool,
     stream: Option<&StreamLog>,
 ) {

@@ -7,7 +7,7 @@ use serde_json::{Map, Value, json};
 
 use super::request::Front;
 use super::response::ProxyResponse;
-use crate::budget::GatewayKind;
+use crate::deadline::GatewayKind;
 
 /// Shapes `resp` for the front door that sent the event; the HTTP API v2 / function URL format
 /// when the event was not recognised at all.

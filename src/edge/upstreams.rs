@@ -9,10 +9,10 @@ use serde_json::Value;
 
 use super::routes::Route;
 use super::{Proxy, Ready, log_attempt};
-use crate::budget::Budget;
 use crate::config::{KeySource, Settings};
+use crate::deadline::Deadline;
 use crate::retry::{
-    AttemptPlan, AttemptRecord, Engine, FastRandJitter, RetryPolicy, RetryRun, RunOutcome,
+    AttemptPlan, AttemptRecord, FastRandJitter, RetryEngine, RetryPolicy, RetryRun, RunOutcome,
     SystemClock, TokioSleeper, epoch_ms,
 };
 use crate::secrets::SecretError;
@@ -96,10 +96,10 @@ impl Proxy {
         ready: &Ready,
         req: &Routed<'_>,
         keys: Vec<Arc<str>>,
-        budget: &Budget,
+        budget: &Deadline,
     ) -> RetryRun {
         let settings = &ready.settings;
-        let engine = Engine {
+        let engine = RetryEngine {
             policy: RetryPolicy {
                 max_attempts: settings.retry_max_attempts,
                 base_delay_ms: settings.retry_base_delay_ms,
@@ -122,7 +122,7 @@ impl Proxy {
         let run_with = |keys: Vec<Arc<str>>, offset: u32| {
             let (router, names) = (&router, &names);
             // A run after a key refresh spends from the same RETRY_MAX_ATTEMPTS (and deadline).
-            let engine = Engine {
+            let engine = RetryEngine {
                 policy: RetryPolicy {
                     max_attempts: engine.policy.max_attempts.saturating_sub(offset),
                     ..engine.policy

@@ -68,7 +68,7 @@ def test_lambda_timeout_leaves_room_for_the_post_response_metrics_flush():
     assert timeout_ms >= gateway_ms + flush_ms + skew_ms, (timeout_ms, gateway_ms, flush_ms)
     # The reserve the function keeps before the Lambda deadline is that same flush timeout, and
     # behind the HTTP API it must not shorten the gateway's 30 s.
-    budget = cfn.rust_source("src/budget.rs")
+    budget = cfn.rust_source("src/deadline.rs")
     assert re.search(r"pub const METRICS_FLUSH_RESERVE_MS: u64 =\s*crate::telemetry::cloudwatch::PUT_TIMEOUT", budget)
     assert timeout_ms - flush_ms >= gateway_ms + skew_ms
     # The README's deadline section names the reserve.
