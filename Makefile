@@ -12,7 +12,7 @@ export CARGO_TERM_COLOR ?= never
 help:
 	@echo "make demo   - run the function under cargo lambda watch on the sample events, against the simulator"
 	@echo "make test   - every test: unit, integration, metrics (moto), end-to-end (cargo lambda watch), template lint"
-	@echo "make bench  - benchmarks (README: Benchmarks)"
+	@echo "make bench  - benchmarks (docs/benchmarks.md)"
 	@echo "make sam-build - sam build (the template's architecture) into .aws-sam/build"
 
 venv: $(STAMP)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The baseline for the outage benchmark: the seed document's retry loop, run as a Lambda function.
 
-`call_openai_api_with_retries` is the seed's code (shared/seed/000_*.txt, "Code Examples") with
+`call_openai_api_with_retries` is the seed's code (the "Code Examples" of the guide this project grew from) with
 only the endpoint and key read from the environment: `requests`, 5 tries, sleeps of 1-2-4-8-16 s
 after each failure (the last one included), a 30 s timeout per call, 4xx raised at once, `None`
 after the last try, no notion of the invocation's deadline.

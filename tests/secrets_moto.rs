@@ -11,7 +11,7 @@ use openai_simulator::{Simulator, parse_script};
 use serde_json::Value;
 use support::events::{
     VirtualClock, assert_error, assert_error_naming, bearer, chat_event, header, invoke,
-    invoke_within, proxy_for, proxy_for_with, request_id, simulator, status, v2,
+    invoke_within, proxy_for, proxy_for_with, proxy_with, request_id, simulator, status, v2,
 };
 use support::logs;
 use support::moto::{
@@ -687,4 +687,78 @@ async fn the_upstream_list_and_its_keys_come_from_secrets() {
     let msg = assert_error_naming(&resp, 500, "config_error", "UPSTREAMS_SECRET_ARN");
     assert!(msg.contains("base_url"), "{msg}");
     assert!(!resp.to_string().contains("sk-moto-broken"), "{resp}");
+}
+
+/// §11 breakers are kept per upstream *name*: a list refreshed from `UPSTREAMS_SECRET_ARN` in a
+/// warm environment may reorder upstreams, and an open breaker stays with its upstream, not
+/// with its old position; an upstream removed from the list loses its state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breakers_follow_the_upstream_name_when_the_secret_list_changes() {
+    let token = "tok-moto-reorder-0000000001";
+    let _logs = logs::check(&[token, "sk-moto-reorder"]);
+    let moto = moto().await;
+    let sm = secrets_client(&moto.endpoint()).await;
+    let (primary, backup) = (simulator().await, simulator().await);
+    primary.set_default(parse_script("500").unwrap().remove(0));
+    let entry = |name: &str, sim: &Simulator| {
+        serde_json::json!({"name": name, "base_url": sim.base_url(),
+            "api_key": format!("sk-moto-reorder-{name}-0001")})
+    };
+    let list = |entries: Vec<Value>| Value::Array(entries).to_string();
+    let arn = create_secret(
+        &sm,
+        "upstreams-reordered",
+        &list(vec![entry("primary", &primary), entry("backup", &backup)]),
+    )
+    .await;
+    let clock = VirtualClock::new();
+    let p = proxy_with(
+        &[
+            ("UPSTREAMS_SECRET_ARN", arn.as_str()),
+            ("PROXY_API_KEYS", token),
+            ("RETRY_BASE_DELAY_MS", "50"),
+            ("BREAKER_FAILURES", "2"),
+            ("BREAKER_COOLDOWN_MS", "60000"),
+            ("SECRETS_TTL_MS", "1000"),
+        ],
+        Secrets::new(Some(sm.clone())).with_clock(clock.clone()),
+    );
+    let served_by = |resp: &Value| {
+        assert_eq!(status(resp), 200, "{resp}");
+        (
+            header(resp, "x-proxy-upstream").map(str::to_owned),
+            header(resp, "x-upstream-attempts").map(str::to_owned),
+        )
+    };
+    let one = |name: &str| (Some(name.to_owned()), Some("1".to_owned()));
+    // Two 500s open the primary's breaker; the backup serves.
+    let (resp, _) = invoke(&p, chat(token)).await;
+    assert_eq!(served_by(&resp), (Some("backup".into()), Some("3".into())));
+    assert_eq!(primary.requests().len(), 2);
+
+    // Reordered: the backup (now first, closed) serves at once; the open primary is not called.
+    put_secret_value(
+        &sm,
+        &arn,
+        &list(vec![entry("backup", &backup), entry("primary", &primary)]),
+    )
+    .await;
+    clock.advance(1_000);
+    assert_eq!(served_by(&invoke(&p, chat(token)).await.0), one("backup"));
+    assert_eq!(primary.requests().len(), 2, "the open primary was called");
+
+    // The primary leaves the list, recovers, and comes back first: it starts closed.
+    put_secret_value(&sm, &arn, &list(vec![entry("backup", &backup)])).await;
+    clock.advance(1_000);
+    assert_eq!(served_by(&invoke(&p, chat(token)).await.0), one("backup"));
+    primary.set_default(parse_script("ok").unwrap().remove(0));
+    put_secret_value(
+        &sm,
+        &arn,
+        &list(vec![entry("primary", &primary), entry("backup", &backup)]),
+    )
+    .await;
+    clock.advance(1_000);
+    assert_eq!(served_by(&invoke(&p, chat(token)).await.0), one("primary"));
+    assert_eq!(primary.requests().len(), 3);
 }

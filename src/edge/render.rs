@@ -9,6 +9,19 @@ use super::request::Front;
 use super::response::ProxyResponse;
 use crate::deadline::GatewayKind;
 
+/// What a handler hands the runtime: the buffered JSON payload ([`render`]) or, with
+/// `INVOKE_MODE=RESPONSE_STREAM`, the streaming prelude and body (`edge::streaming`).
+pub trait Payload {
+    /// `resp` in this form, for the front door that sent the event (`None`: not recognised).
+    fn payload(front: Option<Front>, resp: ProxyResponse) -> Self;
+}
+
+impl Payload for Value {
+    fn payload(front: Option<Front>, resp: ProxyResponse) -> Value {
+        render(front, resp)
+    }
+}
+
 /// Shapes `resp` for the front door that sent the event; the HTTP API v2 / function URL format
 /// when the event was not recognised at all.
 pub fn render(front: Option<Front>, resp: ProxyResponse) -> Value {
@@ -132,5 +145,49 @@ mod tests {
         assert_eq!(status_description(504), "504 Gateway Timeout");
         assert_eq!(status_description(429), "429 Too Many Requests");
         assert_eq!(status_description(599), "599 Unknown");
+    }
+
+    #[test]
+    fn rendering_moves_a_utf8_body_into_the_payload_and_base64s_the_rest() {
+        let text = r#"{"object":"list","data":[]}"#.repeat(1000).into_bytes();
+        let at = text.as_ptr();
+        let resp = ProxyResponse {
+            status: 200,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: Bytes::from(text),
+        };
+        let http_api = Front {
+            kind: GatewayKind::HttpApiV2,
+            multi_value_headers: false,
+        };
+        let v = render(Some(http_api), resp);
+        assert_eq!(
+            v["body"].as_str().unwrap().as_ptr(),
+            at,
+            "no copy of the body"
+        );
+        assert_eq!(
+            (&v["statusCode"], &v["isBase64Encoded"], &v["cookies"]),
+            (&json!(200), &json!(false), &json!([]))
+        );
+        assert_eq!(v["headers"]["content-type"], "application/json");
+        let binary = ProxyResponse {
+            status: 200,
+            headers: Vec::new(),
+            body: Bytes::from_static(&[0xff, 0x00, 0x01]),
+        };
+        let rest = Front {
+            kind: GatewayKind::RestV1,
+            multi_value_headers: false,
+        };
+        let v = render(Some(rest), binary);
+        assert_eq!(
+            (&v["body"], &v["isBase64Encoded"]),
+            (&json!("/wAB"), &json!(true))
+        );
+        assert!(
+            v.get("cookies").is_none(),
+            "REST answers have no cookies field"
+        );
     }
 }

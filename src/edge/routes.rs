@@ -1,13 +1,12 @@
 //! Which paths and methods exist (spec §2), in one table.
 
-use reqwest::Method;
+use http::Method;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Route {
     /// Path below `/v1`, forwarded below `OPENAI_BASE_URL`; also the `route` log field.
     pub path: &'static str,
-    /// `GET` or `POST`.
-    pub method: &'static str,
+    pub method: Method,
     pub kind: RouteKind,
 }
 
@@ -18,14 +17,6 @@ impl Route {
             self.path,
             "/chat/completions" | "/completions" | "/responses"
         )
-    }
-
-    pub fn http_method(&self) -> Method {
-        if self.method == "GET" {
-            Method::GET
-        } else {
-            Method::POST
-        }
     }
 }
 
@@ -40,13 +31,14 @@ pub enum RouteKind {
 const fn forward(path: &'static str, model_required: bool) -> Route {
     Route {
         path,
-        method: "POST",
+        method: Method::POST,
         kind: RouteKind::Forward { model_required },
     }
 }
 
-/// Longest paths first so `/chat/completions` is not taken for `/completions`.
-pub const ROUTES: [Route; 7] = [
+/// Longest paths first so `/chat/completions` is not taken for `/completions`. A `static`: a
+/// [`Method`] may own an allocation, so a `const` would not lend `&'static` routes.
+pub static ROUTES: [Route; 7] = [
     forward("/chat/completions", true),
     forward("/completions", true),
     forward("/embeddings", true),
@@ -55,14 +47,14 @@ pub const ROUTES: [Route; 7] = [
     forward("/moderations", false),
     Route {
         path: "/models",
-        method: "GET",
+        method: Method::GET,
         kind: RouteKind::Forward {
             model_required: false,
         },
     },
     Route {
         path: "/health",
-        method: "GET",
+        method: Method::GET,
         kind: RouteKind::Health,
     },
 ];

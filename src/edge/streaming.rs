@@ -12,51 +12,75 @@
 //! `lambda_runtime` drops the body and the next send here fails. The forwarding task then stops
 //! and drops the upstream connection, so OpenAI stops generating for nobody.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use lambda_runtime::streaming::{Body, Sender, channel};
-use lambda_runtime::{MetadataPrelude, StreamResponse};
+use lambda_runtime::tower::{Layer, Service, ServiceExt, service_fn};
+use lambda_runtime::{LambdaEvent, MetadataPrelude, StreamResponse};
 use serde_json::Value;
 use tracing::Instrument;
 
-use super::request::GatewayEvent;
+use super::finish::{Ending, StreamLog};
+use super::guard::{PanicGuardLayer, Started};
+use super::render::Payload;
+use super::request::Front;
 use super::response::ProxyResponse;
-use super::{Answered, Ending, Invocation, Proxy, StreamLog};
-use crate::retry::{SystemClock, TokioSleeper, epoch_ms};
-use crate::stream::{ApiFlavor, CallerGone, EventSink, StreamLimits, forward};
+use super::time::Time;
+use super::upstreams::Committed;
+use super::{Answered, Invocation, Proxy};
+use crate::retry::{Clock, TokioSleeper};
+use crate::stream::{ApiFlavor, CallerGone, EventSink, StreamLimits, StreamSource, forward};
 use crate::upstream::LiveStream;
 
 impl Proxy {
-    /// Answers one event in the streaming format. Like [`Proxy::handle_event`], the work runs on
-    /// its own task so that even a panic becomes a §5 500 answer.
+    /// The streaming handler service (the runtime calls it through [`PanicGuardLayer`]).
+    pub fn streaming(
+        self: &Arc<Self>,
+    ) -> impl Service<
+        Started,
+        Response = StreamResponse<Body>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static {
+        let proxy = self.clone();
+        service_fn(move |started: Started| {
+            let proxy = proxy.clone();
+            async move { Ok(proxy.handle_streaming(started).await) }
+        })
+    }
+
+    /// Answers one event in the streaming format, through the panic guard as the runtime does.
     pub async fn handle_streaming_event(
         self: &Arc<Self>,
         event: Value,
         invocation: Invocation,
     ) -> StreamResponse<Body> {
-        let (span, ending) = self.begin(&invocation);
-        // Parsed once; the body moves from the event to the upstream request without a copy.
-        let event = GatewayEvent::from_value(event);
-        let parsed = event
-            .as_ref()
-            .map(|e| (e.front(), e.start_ms, e.path.clone()));
-        let (proxy, inv, end) = (self.clone(), invocation.clone(), ending.clone());
-        let task = tokio::spawn(
-            async move { proxy.answer(event, &inv, &end, true).await }.instrument(span.clone()),
-        );
-        let mut done = match task.await {
-            Ok(done) => done,
-            Err(e) => {
-                let (_, resp) = self.internal_error(e, parsed, &invocation, &ending, &span);
-                return whole(resp);
-            }
-        };
-        match done.summary.live.take() {
+        let guarded = PanicGuardLayer::new(self.clone()).layer(self.streaming());
+        let event = LambdaEvent::new(event, invocation.context());
+        match guarded.oneshot(event).await {
+            Ok(payload) => payload,
+            Err(e) => unreachable!("the panic guard answers every event: {e}"),
+        }
+    }
+
+    /// Answers one event (behind the panic guard): a committed stream is forwarded from a task
+    /// of its own, anything else is answered whole.
+    async fn handle_streaming(self: Arc<Self>, started: Started) -> StreamResponse<Body> {
+        let Started {
+            event,
+            invocation,
+            ending,
+            span,
+        } = started;
+        let mut done = self.answer_event(event, &invocation, &ending, true).await;
+        match done.live.take() {
             Some(live) => self.start_stream(done, live, ending, span),
             None => {
-                let _g = span.enter();
                 let (id, summary, budget) = (&done.request_id, &done.summary, &done.budget);
                 self.finish(id, summary, &done.resp, budget, &ending, None);
                 whole(done.resp)
@@ -69,12 +93,33 @@ impl Proxy {
     fn start_stream(
         self: &Arc<Self>,
         done: Answered,
-        live: LiveStream,
+        live: Committed,
         ending: Arc<Ending>,
         span: tracing::Span,
     ) -> StreamResponse<Body> {
         let (tx, body) = channel();
         let metadata_prelude = prelude(&done.resp);
+        let sink = LambdaSink {
+            tx,
+            time: self.time.clone(),
+            first_at: None,
+        };
+        let task = self.clone().forward_stream(done, live, sink, ending);
+        tokio::spawn(task.instrument(span));
+        StreamResponse {
+            metadata_prelude,
+            stream: body,
+        }
+    }
+
+    /// Forwards the committed stream event by event, then logs and records how it went.
+    async fn forward_stream(
+        self: Arc<Self>,
+        done: Answered,
+        live: Committed,
+        mut sink: LambdaSink,
+        ending: Arc<Ending>,
+    ) {
         let idle_ms = self
             .state
             .as_ref()
@@ -87,54 +132,51 @@ impl Proxy {
         } else {
             ApiFlavor::Chat
         };
-        let proxy = self.clone();
-        let task = async move {
-            let mut sink = LambdaSink { tx, first_at: None };
-            let LiveStream { prefix, mut reader } = live;
-            let (clock, sleeper) = (&SystemClock, &TokioSleeper);
-            let report = forward(
-                prefix,
-                &mut reader,
-                &mut sink,
-                flavor,
-                limits,
-                clock,
-                sleeper,
-            )
-            .await;
-            // Close the upstream connection, log and record, then end the body: once the body
-            // has ended Lambda may freeze the environment, and the metrics extension pairs the
-            // record with this invocation when the response is complete.
-            drop(reader);
-            if let Some(detail) = &report.detail {
-                tracing::warn!(
-                    stream_outcome = report.outcome.as_str(),
-                    caller_gone = report.caller_gone,
-                    detail = %detail,
-                    events = report.events,
-                    "stream ended early"
-                );
-            }
-            let log = StreamLog {
-                first_byte_ms: sink.first_at.map(|t| t.saturating_sub(ending.started)),
-                bytes: report.bytes,
-                outcome: report.outcome,
-            };
-            let (id, summary, budget) = (&done.request_id, &done.summary, &done.budget);
-            proxy.finish(id, summary, &done.resp, budget, &ending, Some(&log));
-            drop(sink);
-        };
-        tokio::spawn(task.instrument(span));
-        StreamResponse {
-            metadata_prelude,
-            stream: body,
+        let Committed {
+            live: LiveStream { prefix, mut reader },
+            upstream,
+        } = live;
+        let source = StreamSource { flavor, upstream };
+        // The proxy's clock for the deadline; tokio's timer for the idle gap (real I/O).
+        let (clock, sleeper) = (&self.time, &TokioSleeper);
+        let report = forward(
+            prefix,
+            &mut reader,
+            &mut sink,
+            &source,
+            limits,
+            clock,
+            sleeper,
+        )
+        .await;
+        // Close the upstream connection, log and record, then end the body: once the body has
+        // ended Lambda may freeze the environment, and the metrics extension pairs the record
+        // with this invocation when the response is complete.
+        drop(reader);
+        if let Some(detail) = &report.detail {
+            tracing::warn!(
+                stream_outcome = report.outcome.as_str(),
+                caller_gone = report.caller_gone,
+                detail = %detail,
+                events = report.events,
+                "stream ended early"
+            );
         }
+        let log = StreamLog {
+            first_byte_ms: sink.first_at.map(|t| t.saturating_sub(ending.started)),
+            bytes: report.bytes,
+            outcome: report.outcome,
+        };
+        let (id, summary, budget) = (&done.request_id, &done.summary, &done.budget);
+        self.finish(id, summary, &done.resp, budget, &ending, Some(&log));
+        drop(sink);
     }
 }
 
 /// The caller's side: `lambda_runtime`'s body channel (it holds one chunk: backpressure).
 struct LambdaSink {
     tx: Sender,
+    time: Time,
     /// Epoch ms of the first chunk handed to Lambda.
     first_at: Option<u64>,
 }
@@ -142,7 +184,7 @@ struct LambdaSink {
 impl EventSink for LambdaSink {
     async fn send(&mut self, bytes: Bytes) -> Result<(), CallerGone> {
         self.tx.send_data(bytes).await.map_err(|_| CallerGone)?;
-        self.first_at.get_or_insert_with(epoch_ms);
+        self.first_at.get_or_insert_with(|| self.time.now_ms());
         Ok(())
     }
 }
@@ -163,6 +205,12 @@ fn prelude(resp: &ProxyResponse) -> MetadataPrelude {
         status_code: StatusCode::from_u16(resp.status).unwrap_or(StatusCode::BAD_GATEWAY),
         headers,
         cookies: Vec::new(),
+    }
+}
+
+impl Payload for StreamResponse<Body> {
+    fn payload(_: Option<Front>, resp: ProxyResponse) -> StreamResponse<Body> {
+        whole(resp)
     }
 }
 

@@ -7,16 +7,17 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use serde_json::Value;
 
+use super::finish::log_attempt;
 use super::routes::Route;
-use super::{Proxy, Ready, log_attempt};
+use super::{Proxy, Ready};
 use crate::config::{KeySource, Settings};
 use crate::deadline::Deadline;
 use crate::retry::{
-    AttemptPlan, AttemptRecord, FastRandJitter, RetryEngine, RetryPolicy, RetryRun, RunOutcome,
-    SystemClock, TokioSleeper, epoch_ms,
+    AttemptPlan, AttemptRecord, Clock, RetryEngine, RetryPolicy, RetryRun, RunOutcome,
 };
 use crate::secrets::SecretError;
 use crate::upstream::{ForwardRequest, LiveStream};
+use crate::upstreams::naming::{Naming, naming};
 use crate::upstreams::routing::Router;
 use crate::upstreams::{UpstreamSpec, UpstreamsSource};
 
@@ -33,15 +34,27 @@ pub(super) struct Routed<'a> {
     pub live: Option<Mutex<Option<LiveStream>>>,
 }
 
+/// A committed upstream stream still to be forwarded, and the upstream sending it as messages
+/// name it (for its error event, should it break).
+pub(super) struct Committed {
+    pub live: LiveStream,
+    pub upstream: Naming,
+}
+
 impl Routed<'_> {
     pub fn names(&self) -> Vec<String> {
         self.list.iter().map(|u| u.name.clone()).collect()
     }
 
-    /// The committed stream, if the run ended on one.
-    pub fn take_live(&self) -> Option<LiveStream> {
+    /// The committed stream, if `run` ended on one, with the upstream that sends it.
+    pub fn take_live(&self, run: &RetryRun) -> Option<Committed> {
         let slot = self.live.as_ref()?;
-        slot.lock().unwrap_or_else(|e| e.into_inner()).take()
+        let live = slot.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+        let upstream = run.attempts.last().map(|a| a.target.upstream);
+        Some(Committed {
+            live,
+            upstream: naming(self.list, upstream.as_slice()),
+        })
     }
 
     /// The model an attempt asks for (before the upstream's own model map).
@@ -54,15 +67,21 @@ impl Routed<'_> {
 }
 
 impl Proxy {
-    /// The upstream list: from the settings, or read from `UPSTREAMS_SECRET_ARN`.
+    /// The upstream list: from the settings, or read from `UPSTREAMS_SECRET_ARN` (cached; a
+    /// refreshed list may drop upstreams, and their breakers go with them).
     pub(super) async fn upstream_list(
         &self,
-        settings: &Settings,
+        ready: &Ready,
         within: std::time::Duration,
     ) -> Result<Arc<[UpstreamSpec]>, SecretError> {
-        match &settings.upstreams {
+        match &ready.settings.upstreams {
             UpstreamsSource::List(list) => Ok(Arc::from(list.as_slice())),
-            UpstreamsSource::SecretArn(arn) => self.secrets.upstreams(arn, within).await,
+            UpstreamsSource::SecretArn(arn) => {
+                let list = self.secrets.upstreams(arn, within).await?;
+                let names: Vec<&str> = list.iter().map(|u| u.name.as_str()).collect();
+                ready.breakers.keep_only(&names);
+                Ok(list)
+            }
         }
     }
 
@@ -98,10 +117,32 @@ impl Proxy {
         keys: Vec<Arc<str>>,
         budget: &Deadline,
     ) -> RetryRun {
+        let run = self.run_engine(ready, req, &keys, budget, 0).await;
+        let rejected = match (&run.outcome, run.attempts.last()) {
+            (RunOutcome::Answer(r), Some(last)) if r.status == 401 => last.target.upstream,
+            _ => return run,
+        };
+        if !matches!(req.list[rejected].key, KeySource::SecretArn(_)) {
+            return run;
+        }
+        self.with_fresh_key(ready, req, &keys, budget, run, rejected)
+            .await
+    }
+
+    /// One run of the engine; `offset`: attempts already made (after a key refresh), which
+    /// spend from the same `RETRY_MAX_ATTEMPTS` (and deadline).
+    async fn run_engine(
+        &self,
+        ready: &Ready,
+        req: &Routed<'_>,
+        keys: &[Arc<str>],
+        budget: &Deadline,
+        offset: u32,
+    ) -> RetryRun {
         let settings = &ready.settings;
         let engine = RetryEngine {
             policy: RetryPolicy {
-                max_attempts: settings.retry_max_attempts,
+                max_attempts: settings.retry_max_attempts.saturating_sub(offset),
                 base_delay_ms: settings.retry_base_delay_ms,
                 max_delay_ms: settings.retry_max_delay_ms,
             },
@@ -119,39 +160,33 @@ impl Proxy {
             skip_hopeless: settings.skip_hopeless_attempts,
         };
         let names = router.names.clone();
-        let run_with = |keys: Vec<Arc<str>>, offset: u32| {
-            let (router, names) = (&router, &names);
-            // A run after a key refresh spends from the same RETRY_MAX_ATTEMPTS (and deadline).
-            let engine = RetryEngine {
-                policy: RetryPolicy {
-                    max_attempts: engine.policy.max_attempts.saturating_sub(offset),
-                    ..engine.policy
-                },
-                ..engine
-            };
-            async move {
-                engine
-                    .run_routed(
-                        budget.deadline_ms,
-                        &SystemClock,
-                        &TokioSleeper,
-                        &mut FastRandJitter,
-                        router,
-                        |plan| self.attempt(ready, req, &keys, plan),
-                        |r| log_attempt(req, names, r, offset),
-                    )
-                    .await
-            }
-        };
-        let mut run = run_with(keys.clone(), 0).await;
-        let rejected = match (&run.outcome, run.attempts.last()) {
-            (RunOutcome::Answer(r), Some(last)) if r.status == 401 => last.target.upstream,
-            _ => return run,
-        };
-        if !matches!(req.list[rejected].key, KeySource::SecretArn(_)) {
-            return run;
-        }
-        let within = budget.time_left(epoch_ms());
+        let time = &self.time;
+        engine
+            .run_routed(
+                budget.deadline_ms,
+                time,
+                time,
+                &mut &*time,
+                &router,
+                |plan| self.attempt(ready, req, keys, plan),
+                |r| log_attempt(req, &names, r, offset),
+            )
+            .await
+    }
+
+    /// After upstream `rejected` refused its key (401): reads the key again and, if it was
+    /// rotated and an attempt is left, runs again with it; the two runs as one.
+    async fn with_fresh_key(
+        &self,
+        ready: &Ready,
+        req: &Routed<'_>,
+        keys: &[Arc<str>],
+        budget: &Deadline,
+        mut run: RetryRun,
+        rejected: usize,
+    ) -> RetryRun {
+        let (settings, upstream) = (&ready.settings, &req.list[rejected].name);
+        let within = budget.time_left(self.time.now_ms());
         let Ok(fresh) = self
             .upstream_keys(settings, req.list, Some(rejected), within)
             .await
@@ -160,25 +195,16 @@ impl Proxy {
         };
         if fresh[rejected] == keys[rejected] {
             // Not rotated: the same key would be rejected again.
-            tracing::warn!(
-                upstream = %req.list[rejected].name,
-                "upstream rejected the key (401); the secret still holds the same key"
-            );
+            tracing::warn!(%upstream, "upstream rejected the key (401); the secret still holds the same key");
             return run;
         }
         let offset = run.attempts.len() as u32;
         if offset >= settings.retry_max_attempts {
-            tracing::warn!(
-                upstream = %req.list[rejected].name,
-                "upstream rejected the key (401); read a new one from Secrets Manager for the next request (no attempt left for this one)"
-            );
+            tracing::warn!(%upstream, "upstream rejected the key (401); read a new one from Secrets Manager for the next request (no attempt left for this one)");
             return run;
         }
-        tracing::warn!(
-            upstream = %req.list[rejected].name,
-            "upstream rejected the key (401); read it again from Secrets Manager and retrying once"
-        );
-        let second = run_with(fresh, offset).await;
+        tracing::warn!(%upstream, "upstream rejected the key (401); read it again from Secrets Manager and retrying once");
+        let second = self.run_engine(ready, req, &fresh, budget, offset).await;
         if matches!(second.outcome, RunOutcome::NoTimeToStart { .. }) {
             return run;
         }
@@ -191,7 +217,7 @@ impl Proxy {
         run.switches += second.switches;
         run.circuit_open |= second.circuit_open;
         run.skipped += second.skipped;
-        run.elapsed_ms = epoch_ms().saturating_sub(budget.started_ms);
+        run.elapsed_ms = self.time.now_ms().saturating_sub(budget.started_ms);
         run
     }
 

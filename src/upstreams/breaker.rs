@@ -11,6 +11,7 @@
 //! (A request that was already running when every breaker opened carries on; its attempts
 //! report as probes, so its success closes the breaker and its failures change nothing.)
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 /// The cooldown doubles up to this while probes fail.
@@ -171,18 +172,21 @@ impl Breaker {
     }
 }
 
-/// The breakers of every upstream, shared by concurrent invocations.
+/// The breakers of every upstream, shared by concurrent invocations, keyed by upstream name:
+/// a list refreshed from `UPSTREAMS_SECRET_ARN` may reorder, add or remove upstreams, and each
+/// state follows its name. Closed with no failure counted is the same as no entry.
 #[derive(Debug)]
 pub struct Breakers {
     settings: BreakerSettings,
-    states: Mutex<Vec<Breaker>>,
+    states: Mutex<HashMap<String, Breaker>>,
 }
 
 impl Breakers {
-    pub fn new(settings: BreakerSettings, upstreams: usize) -> Breakers {
+    /// `capacity`: how many upstreams to make room for up front.
+    pub fn new(settings: BreakerSettings, capacity: usize) -> Breakers {
         Breakers {
             settings,
-            states: Mutex::new(vec![Breaker::default(); upstreams]),
+            states: Mutex::new(HashMap::with_capacity(capacity)),
         }
     }
 
@@ -190,50 +194,63 @@ impl Breakers {
         self.settings
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut Vec<Breaker>) -> T) -> T {
+    fn with<T>(&self, f: impl FnOnce(&mut HashMap<String, Breaker>) -> T) -> T {
         // A panic elsewhere while holding the lock cannot leave a torn state (every update is
         // one assignment), so a poisoned lock is still usable.
         let mut guard = self.states.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut guard)
     }
 
-    /// Which of the first `upstreams` would admit an attempt at `now_ms`.
-    pub fn available(&self, now_ms: u64, upstreams: usize) -> Vec<bool> {
+    /// Forgets the upstreams not in `names` (removed from a refreshed list): one that comes back
+    /// later starts closed.
+    pub fn keep_only<S: AsRef<str>>(&self, names: &[S]) {
+        self.with(|s| s.retain(|name, _| names.iter().any(|n| n.as_ref() == name)));
+    }
+
+    /// Which of `names` would admit an attempt at `now_ms`.
+    pub fn available(&self, now_ms: u64, names: &[String]) -> Vec<bool> {
         self.with(|s| {
-            s.iter()
-                .take(upstreams)
-                .map(|b| b.is_available(&self.settings, now_ms))
+            names
+                .iter()
+                .map(|n| {
+                    s.get(n)
+                        .is_none_or(|b| b.is_available(&self.settings, now_ms))
+                })
                 .collect()
         })
     }
 
-    /// Milliseconds from `now_ms` until the first of the first `upstreams` could be tried again.
-    pub fn wait_until_first_reopens(&self, now_ms: u64, upstreams: usize) -> u64 {
+    /// Milliseconds from `now_ms` until the first of `names` could be tried again.
+    pub fn wait_until_first_reopens(&self, now_ms: u64, names: &[String]) -> u64 {
         self.with(|s| {
-            s.iter()
-                .take(upstreams)
-                .map(|b| b.reopens_at(now_ms))
+            names
+                .iter()
+                .map(|n| s.get(n).map_or(now_ms, |b| b.reopens_at(now_ms)))
                 .min()
                 .unwrap_or(now_ms)
                 .saturating_sub(now_ms)
         })
     }
 
-    pub fn admit(&self, upstream: usize, now_ms: u64) -> Admission {
-        self.with(|s| match s.get(upstream) {
-            None => Admission::Allowed,
-            Some(b) => {
-                let (next, admission) = b.admit(&self.settings, now_ms);
-                s[upstream] = next;
-                admission
-            }
+    pub fn admit(&self, name: &str, now_ms: u64) -> Admission {
+        self.with(|s| {
+            let Some(b) = s.get_mut(name) else {
+                return Admission::Allowed;
+            };
+            let (next, admission) = b.admit(&self.settings, now_ms);
+            *b = next;
+            admission
         })
     }
 
-    pub fn record(&self, upstream: usize, now_ms: u64, probe: bool, report: Report) {
+    pub fn record(&self, name: &str, now_ms: u64, probe: bool, report: Report) {
         self.with(|s| {
-            if let Some(b) = s.get(upstream) {
-                s[upstream] = b.record(&self.settings, now_ms, probe, report);
+            let b = s.get(name).copied().unwrap_or_default();
+            let next = b.record(&self.settings, now_ms, probe, report);
+            if next == Breaker::default() {
+                s.remove(name);
+            } else {
+                s.insert(name.to_owned(), next);
             }
         });
     }
@@ -370,19 +387,67 @@ mod tests {
         );
     }
 
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|n| n.to_string()).collect()
+    }
+
     #[test]
     fn shared_breakers_report_availability_and_the_first_reopening() {
         let bs = Breakers::new(S, 3);
+        let ab = names(&["a", "b"]);
         for _ in 0..3 {
-            bs.record(0, T0, false, Report::Failed);
+            bs.record("a", T0, false, Report::Failed);
         }
-        assert_eq!(bs.available(T0 + 1, 2), [false, true]);
+        assert_eq!(bs.available(T0 + 1, &ab), [false, true]);
         for _ in 0..3 {
-            bs.record(1, T0 + 4_000, false, Report::Failed);
+            bs.record("b", T0 + 4_000, false, Report::Failed);
         }
-        assert_eq!(bs.available(T0 + 5_000, 2), [false, false]);
-        assert_eq!(bs.wait_until_first_reopens(T0 + 5_000, 2), 5_000);
-        assert_eq!(bs.available(T0 + 10_000, 2), [true, false]);
+        assert_eq!(bs.available(T0 + 5_000, &ab), [false, false]);
+        assert_eq!(bs.wait_until_first_reopens(T0 + 5_000, &ab), 5_000);
+        assert_eq!(bs.available(T0 + 10_000, &ab), [true, false]);
+    }
+
+    /// A refreshed list (`UPSTREAMS_SECRET_ARN`) may reorder upstreams: the state follows the
+    /// name, not the position; an upstream dropped from the list loses its state.
+    #[test]
+    fn state_follows_the_name_across_a_reordered_or_shortened_list() {
+        let bs = Breakers::new(S, 3);
+        for _ in 0..3 {
+            bs.record("primary", T0, false, Report::Failed);
+        }
+        bs.record("backup", T0, false, Report::Failed);
+        assert_eq!(
+            bs.available(T0 + 1, &names(&["primary", "backup"])),
+            [false, true]
+        );
+        let reordered = names(&["backup", "primary"]);
+        assert_eq!(bs.available(T0 + 1, &reordered), [true, false]);
+        assert_eq!(bs.wait_until_first_reopens(T0 + 1, &reordered), 0);
+        assert!(matches!(
+            bs.admit("primary", T0 + 1),
+            Admission::Refused { .. }
+        ));
+        // backup's one failure is still counted under its name: two more open it.
+        bs.record("backup", T0 + 2, false, Report::Failed);
+        bs.record("backup", T0 + 2, false, Report::Failed);
+        assert_eq!(bs.available(T0 + 3, &reordered), [false, false]);
+        // primary leaves the list, then comes back: it starts closed.
+        bs.keep_only(&names(&["backup"]));
+        assert_eq!(bs.available(T0 + 3, &reordered), [false, true]);
+        assert_eq!(bs.admit("primary", T0 + 3), Admission::Allowed);
+        assert!(matches!(
+            bs.admit("backup", T0 + 3),
+            Admission::Refused { .. }
+        ));
+    }
+
+    #[test]
+    fn closed_breakers_with_no_failure_keep_no_entry() {
+        let bs = Breakers::new(S, 1);
+        bs.record("a", T0, false, Report::Failed);
+        bs.record("a", T0, false, Report::Healthy);
+        bs.record("b", T0, false, Report::Healthy);
+        assert!(bs.with(|s| s.is_empty()));
     }
 
     /// Many invocations at once, on real threads, right after the cooldown: exactly one probes.
@@ -391,7 +456,7 @@ mod tests {
         for round in 0..50 {
             let bs = Arc::new(Breakers::new(S, 1));
             for _ in 0..3 {
-                bs.record(0, T0, false, Report::Failed);
+                bs.record("u", T0, false, Report::Failed);
             }
             let barrier = Arc::new(std::sync::Barrier::new(8));
             let handles: Vec<_> = (0..8)
@@ -399,7 +464,7 @@ mod tests {
                     let (bs, barrier) = (bs.clone(), barrier.clone());
                     std::thread::spawn(move || {
                         barrier.wait();
-                        bs.admit(0, T0 + 10_000 + round)
+                        bs.admit("u", T0 + 10_000 + round)
                     })
                 })
                 .collect();
@@ -416,9 +481,9 @@ mod tests {
                     .all(|a| matches!(a, Admission::Probe | Admission::Refused { .. }))
             );
             // Concurrent failures while the probe is out do not reopen or double anything.
-            bs.record(0, T0 + 10_050, false, Report::Failed);
-            bs.record(0, T0 + 10_100, true, Report::Healthy);
-            assert_eq!(bs.admit(0, T0 + 10_101), Admission::Allowed);
+            bs.record("u", T0 + 10_050, false, Report::Failed);
+            bs.record("u", T0 + 10_100, true, Report::Healthy);
+            assert_eq!(bs.admit("u", T0 + 10_101), Admission::Allowed);
         }
     }
 
@@ -435,16 +500,16 @@ mod tests {
                 let bs = bs.clone();
                 std::thread::spawn(move || {
                     for _ in 0..99 {
-                        bs.record(0, T0, false, Report::Failed);
+                        bs.record("u", T0, false, Report::Failed);
                     }
                 })
             })
             .collect();
         handles.into_iter().for_each(|h| h.join().unwrap());
-        assert_eq!(bs.admit(0, T0), Admission::Allowed, "396 < 400");
+        assert_eq!(bs.admit("u", T0), Admission::Allowed, "396 < 400");
         for _ in 0..4 {
-            bs.record(0, T0, false, Report::Failed);
+            bs.record("u", T0, false, Report::Failed);
         }
-        assert!(matches!(bs.admit(0, T0), Admission::Refused { .. }));
+        assert!(matches!(bs.admit("u", T0), Admission::Refused { .. }));
     }
 }

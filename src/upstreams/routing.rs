@@ -89,17 +89,21 @@ impl Routing for Router<'_> {
         self.fallback_after
     }
     fn available(&self, now_ms: u64) -> Vec<bool> {
-        self.breakers.available(now_ms, self.names.len())
+        self.breakers.available(now_ms, &self.names)
     }
     fn admit(&self, upstream: usize, now_ms: u64) -> Admission {
-        self.breakers.admit(upstream, now_ms)
+        match self.names.get(upstream) {
+            Some(name) => self.breakers.admit(name, now_ms),
+            None => Admission::Allowed,
+        }
     }
     fn report(&self, upstream: usize, now_ms: u64, probe: bool, report: Report) {
-        self.breakers.record(upstream, now_ms, probe, report);
+        if let Some(name) = self.names.get(upstream) {
+            self.breakers.record(name, now_ms, probe, report);
+        }
     }
     fn wait_until_first_reopens(&self, now_ms: u64) -> u64 {
-        self.breakers
-            .wait_until_first_reopens(now_ms, self.names.len())
+        self.breakers.wait_until_first_reopens(now_ms, &self.names)
     }
     fn expected_ms(&self, target: Target) -> Option<u64> {
         if !self.skip_hopeless {

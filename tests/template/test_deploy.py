@@ -71,9 +71,9 @@ def test_lambda_timeout_leaves_room_for_the_post_response_metrics_flush():
     budget = cfn.rust_source("src/deadline.rs")
     assert re.search(r"pub const METRICS_FLUSH_RESERVE_MS: u64 =\s*crate::telemetry::cloudwatch::PUT_TIMEOUT", budget)
     assert timeout_ms - flush_ms >= gateway_ms + skew_ms
-    # The README's deadline section names the reserve.
-    readme = (ROOT / "README.md").read_text()
-    deadline_section = readme.split("### The deadline budget", 1)[1].split("\n## ", 1)[0]
+    # The deadline section of the docs names the reserve.
+    retries = (ROOT / "docs/retries.md").read_text()
+    deadline_section = retries.split("## The deadline budget", 1)[1].split("\n## ", 1)[0]
     assert "METRICS_FLUSH_RESERVE_MS" in deadline_section
 
 
@@ -254,7 +254,7 @@ def test_samconfig_and_docs_state_the_right_sam_cli_version_and_resolve_their_po
     pinned = re.search(r"^aws-sam-cli==([\d.]+)$", (ROOT / "tools/requirements-sam.txt").read_text(), re.M)
     assert pinned and version(pinned.group(1)) >= version(MIN_SAM_CLI)
     # Every docs/... or tools/... path the deploy files point at exists.
-    for path in [cfn.SAMCONFIG, cfn.TEMPLATE, ROOT / "README.md", ROOT / "docs/deploy.md"]:
+    for path in [cfn.SAMCONFIG, cfn.TEMPLATE, ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         for ref in re.findall(r"(?<![\w/.-])((?:docs|tools)/[\w./-]+\.(?:md|sh|txt|py))", path.read_text()):
             assert (ROOT / ref).is_file(), f"{path.name} points at {ref}, which does not exist"
     # The README's deploy section moved to docs/deploy.md and is linked from the README.
@@ -311,20 +311,26 @@ def test_every_parameter_is_documented_with_its_environment_variable():
     template = cfn.load_template()
     deploy = (ROOT / "docs/deploy.md").read_text()
     readme = (ROOT / "README.md").read_text()
+    configuration = (ROOT / "docs/configuration.md").read_text()
     env = template["Resources"]["ProxyFunction"]["Properties"]["Environment"]["Variables"]
     env_of = {v["Ref"]: k for k, v in env.items() if isinstance(v, dict) and "Ref" in v}
     rows = [line for line in deploy.splitlines() if line.startswith("| `")]
     for name in template["Parameters"]:
-        assert f"`{name}`" in deploy or f"`{name}`" in readme, f"parameter {name} is not documented"
+        assert f"`{name}`" in deploy, f"parameter {name} is not documented in docs/deploy.md"
         row = next((r for r in rows if f"`{name}`" in r.split("|")[1]), None)
         if row and name in env_of:
             assert f"`{env_of[name]}`" in row, f"docs/deploy.md's row for {name} does not name {env_of[name]}"
-    # And the README's defaults table agrees with the template's defaults where both state one.
+    # And the configuration tables (docs/configuration.md, the README's at-a-glance one) agree
+    # with the template's defaults where both state one; every variable the template sets is in
+    # docs/configuration.md's table.
+    documented = [line.split("|")[1] for line in configuration.splitlines() if line.startswith("| `")]
     for name, var in env_of.items():
         default = str(template["Parameters"][name].get("Default", ""))
-        m = re.search(rf"^\| `{var}` \| `([^`]*)` \|", readme, re.M)
-        if m and default:
-            assert m.group(1) == default, f"README says {var} defaults to {m.group(1)}, template {default}"
+        assert any(f"`{var}`" in cell for cell in documented), f"{var} has no row in docs/configuration.md"
+        for doc_name, doc in [("docs/configuration.md", configuration), ("README.md", readme)]:
+            m = re.search(rf"^\| `{var}` \| `([^`]*)` \|", doc, re.M)
+            if m and default:
+                assert m.group(1) == default, f"{doc_name} says {var} defaults to {m.group(1)}, template {default}"
 
 
 def code_number_settings() -> dict:
