@@ -434,6 +434,83 @@ def fallback_rows(f):
     return rows
 
 
+# Hopeless attempts (issue #13): successes take HOPELESS_SUCCESS_MS (long completions), which each
+# environment learns from HOPELESS_TEACH requests; then each request's first attempt fails with a
+# 500 after the given delay, and the retry would again take HOPELESS_SUCCESS_MS. After 12 s the
+# retry fits the 29.5 s budget (both sides make it); after 24 s only ~4.5 s are left after the
+# backoff, and SKIP_HOPELESS_ATTEMPTS=true answers at once instead of starting it.
+HOPELESS_SUCCESS_MS = 6000
+HOPELESS_TEACH = 5
+HOPELESS_LATE_500_MS = (12000, 24000, 24000, 24000)
+
+
+def sim_control(sim, method, path, body=b""):
+    """A control request to the simulator (`/_sim/...`, never scripted or recorded)."""
+    import urllib.request
+    req = urllib.request.Request(f"http://127.0.0.1:{sim.port}{path}", data=body or None, method=method)
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return r.read()
+
+
+def upstream_requests(sim):
+    return len(json.loads(sim_control(sim, "GET", "/_sim/requests")))
+
+
+async def hopeless_side(args, skip):
+    """One environment (SKIP_HOPELESS_ATTEMPTS=`skip`) with its own simulator."""
+    tag = "on" if skip else "off"
+    sim = Simulator(args.sim_bin, f"hopeless-{tag}", f"delay={HOPELESS_SUCCESS_MS}").start()
+    fn = Function(f"hopeless-skip-{tag}", [args.proxy_bin],
+                  proxy_env(sim, "none", {"SKIP_HOPELESS_ATTEMPTS": "true" if skip else "false"}))
+    try:
+        await fn.start(log_mode="w")
+        await fn.wait_init()
+        teach = [await call_through_gateway(fn) for _ in range(HOPELESS_TEACH)]
+        if any(t["caller"]["status"] != 200 for t in teach):
+            raise RuntimeError(f"hopeless-{tag}: a teaching request failed: {teach}")
+        out = []
+        for late_ms in HOPELESS_LATE_500_MS:
+            sim_control(sim, "PUT", "/_sim/script", f"500:delay={late_ms}".encode())
+            before = upstream_requests(sim)
+            r = await call_through_gateway(fn)
+            await asyncio.sleep(0.2)  # an attempt cut by the deadline is recorded when it arrived
+            r["late_500_s"] = late_ms / 1000
+            r["upstream_attempts"] = upstream_requests(sim) - before
+            out.append(r)
+        return out
+    finally:
+        await fn.stop()
+        sim.stop()
+
+
+async def bench_hopeless(args):
+    """Both sides at once, each with its own simulator (~2.5 min)."""
+    load = os.getloadavg()[0]
+    on, off = await asyncio.gather(hopeless_side(args, True), hopeless_side(args, False))
+    return {"skip_on": on, "skip_off": off, "success_ms": HOPELESS_SUCCESS_MS,
+            "loadavg_at_start": load, "loadavg_at_end": os.getloadavg()[0]}
+
+
+def hopeless_rows(h):
+    rows = []
+    for key, label in (("skip_on", "SKIP_HOPELESS_ATTEMPTS=true"), ("skip_off", "SKIP_HOPELESS_ATTEMPTS=false")):
+        for r in h[key]:
+            c = r["caller"]
+            n = r["upstream_attempts"]
+            detail = ("the retry fit the budget and served" if c["status"] == 200
+                      else short_body(c["body"], 90))
+            rows.append((f"8 hopeless retry: {label}, 500 after {r['late_500_s']:.0f} s",
+                         f"{c['status']} after {c['after_s']:.2f} s", detail,
+                         f"fn busy {r['function_busy_s']:.2f} s, {n} upstream attempt{'s' * (n != 1)}",
+                         r["function_end"]))
+        busy = sum(r["function_busy_s"] for r in h[key])
+        attempts = sum(r["upstream_attempts"] for r in h[key])
+        rows.append((f"8 hopeless retry: {label}, all {len(h[key])}", f"fn busy {busy:.2f} s",
+                     f"successes take {h['success_ms'] / 1000:.0f} s (learnt from {HOPELESS_TEACH} requests)",
+                     f"{attempts} upstream attempts", ""))
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------
 # Report
 
@@ -523,6 +600,8 @@ def build_table(r):
                      "within noise", verdict(ok)))
     if r.get("fallback"):
         rows.extend(fallback_rows(r["fallback"]))
+    if r.get("hopeless"):
+        rows.extend(hopeless_rows(r["hopeless"]))
     for sc in r["outage"]["scenarios"]:
         for side in ("ours", "naive"):
             c = sc[side]["caller"]
@@ -565,7 +644,14 @@ def render(rows):
 
 async def main_async(args):
     if args.fallback_only:
-        rows = fallback_rows(await bench_fallback(args))
+        args.only = "fallback"
+    if args.only:
+        load = os.getloadavg()[0]
+        if args.only == "fallback":
+            rows = fallback_rows(await bench_fallback(args))
+        else:
+            rows = hopeless_rows(await bench_hopeless(args))
+        print(f"load avg {load:.1f} -> {os.getloadavg()[0]:.1f} ({os.cpu_count()} cores)")
         print(render(rows))
         return
     started = time.time()
@@ -623,6 +709,8 @@ async def main_async(args):
             scen, wall = await bench_outage(args)
             print("[bench] outage with a healthy backup (~30 s) ...", file=sys.stderr, flush=True)
             results["fallback"] = await bench_fallback(args)
+            print("[bench] hopeless retries skipped vs started (~2.5 min) ...", file=sys.stderr, flush=True)
+            results["hopeless"] = await bench_hopeless(args)
         results["outage"] = {"scenarios": scen, "wall_s": round(wall, 1)}
     finally:
         sim.stop()
@@ -657,6 +745,9 @@ def main():
     ap.add_argument("--no-outage", action="store_true", help="skip the ~30 s outage scenarios")
     ap.add_argument("--fallback-only", action="store_true",
                     help="only the 'outage with a healthy backup' scenario (issue #13), printed")
+    ap.add_argument("--only", choices=["fallback", "hopeless"], default=None,
+                    help="run one scenario alone and print its rows: 'fallback' (outage with a healthy "
+                         "backup) or 'hopeless' (retries skipped vs started, ~2.5 min)")
     args = ap.parse_args()
     LOGS.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT / "bench"))

@@ -19,6 +19,7 @@ use bytes::{Bytes, BytesMut};
 use serde_json::json;
 
 use crate::retry::{Clock, FailureKind, Sleeper};
+use crate::upstreams::naming::{Naming, capitalized};
 
 /// Lambda's limit for a streamed response (200 MiB). The forwarded body stays below it with room
 /// for the prelude and the closing error event.
@@ -129,6 +130,14 @@ pub enum ApiFlavor {
     Chat,
     /// `/v1/responses`: `event: error` with `{"type": "error", ..., "sequence_number"}`.
     Responses,
+}
+
+/// What a committed stream is, for its one error event: the SSE shape its SDKs expect, and the
+/// upstream sending it as §5 messages name it ("OpenAI" for the default single upstream).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamSource {
+    pub flavor: ApiFlavor,
+    pub upstream: Naming,
 }
 
 /// How a committed stream ended (`stream_outcome`, spec §10).
@@ -372,7 +381,7 @@ pub async fn forward<S: ChunkSource>(
     prefix: Vec<Bytes>,
     reader: &mut EventReader<S>,
     sink: &mut impl EventSink,
-    flavor: ApiFlavor,
+    source: &StreamSource,
     limits: StreamLimits,
     clock: &impl Clock,
     sleeper: &impl Sleeper,
@@ -399,7 +408,7 @@ pub async fn forward<S: ChunkSource>(
                 Broken::TooLarge
             }
             Pulled::Event(ev) => {
-                if flavor == ApiFlavor::Responses {
+                if source.flavor == ApiFlavor::Responses {
                     last_sequence = sequence_number(&ev).or(last_sequence);
                 }
                 report.bytes += ev.len() as u64;
@@ -417,7 +426,7 @@ pub async fn forward<S: ChunkSource>(
             Pulled::Idle => Broken::Idle,
             Pulled::Deadline => Broken::Deadline,
         };
-        return close_broken(broken, report, sink, flavor, last_sequence).await;
+        return close_broken(broken, report, sink, source, last_sequence).await;
     }
 }
 
@@ -434,7 +443,7 @@ async fn close_broken(
     broken: Broken,
     mut report: StreamReport,
     sink: &mut impl EventSink,
-    flavor: ApiFlavor,
+    source: &StreamSource,
     last_sequence: Option<u64>,
 ) -> StreamReport {
     let sent = format!(
@@ -447,7 +456,8 @@ async fn close_broken(
             StreamOutcome::IdleTimeout,
             StreamErrorCode::Timeout,
             format!(
-                "OpenAI stopped sending {sent}: no data for longer than the proxy's stream idle timeout. The answer is incomplete; the proxy does not retry a stream it has started."
+                "{} stopped sending {sent}: no data for longer than the proxy's stream idle timeout. The answer is incomplete; the proxy does not retry a stream it has started.",
+                source.upstream.subject()
             ),
             "idle timeout".to_owned(),
         ),
@@ -471,12 +481,13 @@ async fn close_broken(
             StreamOutcome::Cut,
             StreamErrorCode::Interrupted,
             format!(
-                "OpenAI's stream broke off {sent}. The answer is incomplete; the proxy does not retry a stream it has started (that would repeat content)."
+                "{} broke off {sent}. The answer is incomplete; the proxy does not retry a stream it has started (that would repeat content).",
+                capitalized(&source.upstream.possessive("stream"))
             ),
             detail,
         ),
     };
-    let event = error_event(flavor, code, &message, last_sequence);
+    let event = error_event(source.flavor, code, &message, last_sequence);
     report.outcome = outcome;
     report.detail = Some(detail);
     let len = event.len() as u64;

@@ -177,6 +177,60 @@ async fn both_down_the_error_counts_attempts_per_upstream() {
     assert_eq!(a.header("x-proxy-upstream"), Some("primary"), "last tried");
     assert_eq!(a.header("x-proxy-fallbacks"), Some("2"));
     assert!(!a.body.contains("127.0.0.1"), "{}", a.body);
+    // The message names the upstreams that failed; neither is OpenAI itself (no status page).
+    let msg = e["message"].as_str().unwrap();
+    assert!(
+        msg.starts_with(
+            "The upstreams `primary` (openai) and `backup` (openai) are unavailable: 5 attempts"
+        ),
+        "{msg}"
+    );
+    assert!(!msg.contains("status.openai.com"), "{msg}");
+}
+
+/// §5 messages with a configured list name the upstream(s) at fault by name and kind: the
+/// Azure backup that rejected its key, the two that kept rate-limiting.
+#[tokio::test(flavor = "multi_thread")]
+async fn messages_name_the_upstreams_that_failed() {
+    let t = two("503,503", "401").await;
+    let backup = json!({
+        "name": "azure-eu", "kind": "azure",
+        "base_url": format!("http://{}/openai/v1", t.backup.addr()),
+        "api_key": BACKUP_KEY,
+    });
+    let p = proxy_with(&upstreams(&t.primary.base_url(), backup), &[]);
+    let a = chat(&p).await;
+    assert_eq!(a.status, 502, "{}", a.body);
+    let e = &a.json()["error"];
+    assert_eq!(e["code"], "upstream_auth_failed");
+    let msg = e["message"].as_str().unwrap();
+    assert!(
+        msg.starts_with("The upstream `azure-eu` (azure) rejected the proxy's own API key (401"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("the key configured for that upstream"),
+        "{msg}"
+    );
+    assert!(
+        !msg.contains("OpenAI") && !msg.contains("127.0.0.1"),
+        "{msg}"
+    );
+
+    let t = two("429,429,429", "429,429,429").await;
+    let p = proxy_with(
+        &upstreams(&t.primary.base_url(), openai_backup(&t.backup)),
+        &[("RETRY_MAX_ATTEMPTS", "3")],
+    );
+    let a = chat(&p).await;
+    assert_eq!(a.status, 429, "{}", a.body);
+    let msg = a.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(
+        msg.starts_with(
+            "The upstreams `primary` (openai) and `backup` (openai) kept rate-limiting this request: 3 attempts"
+        ),
+        "{msg}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -309,6 +363,11 @@ async fn the_breaker_opens_refuses_probes_and_recovers() {
         a.json()["error"]["upstream"]["by_upstream"],
         json!({"primary": 2})
     );
+    let msg = a.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(
+        msg.starts_with("The upstream `primary` (openai) is unavailable: 2 attempts"),
+        "{msg}"
+    );
     // Open: refused at once, nothing sent, retry-after until it half-opens.
     let a = chat(&p).await;
     assert_eq!(a.status, 503, "{}", a.body);
@@ -377,6 +436,10 @@ async fn a_hopeless_retry_is_skipped_and_its_control_is_not() {
             assert_eq!(e["code"], "upstream_unavailable");
             let msg = e["message"].as_str().unwrap();
             assert!(msg.contains("not started"), "{msg}");
+            assert!(
+                msg.starts_with("The upstream `primary` (openai) is unavailable"),
+                "{msg}"
+            );
             assert_eq!(lines.len(), 1);
             assert_eq!(lines[0]["reason"], "expected_latency_exceeds_budget");
             let expected = lines[0]["expected_ms"].as_u64().unwrap();
@@ -386,6 +449,11 @@ async fn a_hopeless_retry_is_skipped_and_its_control_is_not() {
             assert_eq!(sent, 7, "the control sends the retry");
             assert_eq!(lines.len(), 2);
             assert_eq!(a.status, 504, "{}", a.body);
+            let msg = a.json()["error"]["message"].as_str().unwrap().to_owned();
+            assert!(
+                msg.starts_with("The upstream `primary` (openai) did not answer in time"),
+                "{msg}"
+            );
         }
     }
 }

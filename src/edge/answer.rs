@@ -8,6 +8,8 @@ use super::upstreams::{self, Routed};
 use crate::retry::{
     AttemptOutcome, AttemptRecord, GiveUpReason, RetryRun, RunOutcome, UpstreamReply,
 };
+use crate::upstreams::UpstreamSpec;
+use crate::upstreams::naming::{Naming, is_default, naming};
 
 const STATUS_PAGE: &str = "https://status.openai.com";
 
@@ -180,6 +182,7 @@ pub(super) fn ran(
     let last_request_id = upstream.request_ids.last().cloned();
     let route_headers = upstreams::route_headers(&run, req);
     let expected_ms = run.attempts.last().and_then(|a| a.expected_ms);
+    let blame = Blame::of(&run.attempts, req.list);
     let RetryRun {
         outcome,
         mut attempts,
@@ -192,7 +195,7 @@ pub(super) fn ran(
         // Nothing reached the upstream: no attempt to count or report.
         attempts.clear();
     }
-    let ended = ended(outcome, upstream, (expected_ms, budget_ms), id);
+    let ended = ended(outcome, upstream, (expected_ms, budget_ms), &blame, id);
     let mut resp = ended.resp;
     if !attempts.is_empty() {
         resp.set_header("x-upstream-attempts", attempts.len().to_string());
@@ -219,19 +222,57 @@ pub(super) fn ran(
     Answer::new(resp, summary, id)
 }
 
+/// Who the messages name (spec §5 with §11's list): every upstream the run tried, and the one
+/// tried last (that answered, or whose answer or failure ended the run). Named only when a
+/// message needs it (not on the success path).
+struct Blame<'a> {
+    list: &'a [UpstreamSpec],
+    /// Positions in `list` of the run's attempts, in order.
+    tried: Vec<usize>,
+}
+
+impl Blame<'_> {
+    fn of<'a>(attempts: &[AttemptRecord], list: &'a [UpstreamSpec]) -> Blame<'a> {
+        let tried = attempts.iter().map(|a| a.target.upstream).collect();
+        Blame { list, tried }
+    }
+
+    fn tried(&self) -> Naming {
+        naming(self.list, &self.tried)
+    }
+
+    fn last(&self) -> Naming {
+        naming(self.list, &self.tried[self.tried.len().saturating_sub(1)..])
+    }
+
+    /// The default single upstream: messages keep v1's wording.
+    fn default(&self) -> bool {
+        is_default(self.list)
+    }
+}
+
+/// " Check https://status.openai.com." when OpenAI itself is among `who`.
+fn status_page(who: &Naming) -> String {
+    match who.status_page {
+        true => format!(" Check {STATUS_PAGE}."),
+        false => String::new(),
+    }
+}
+
 /// How the run ended, before the headers every run's answer has. `(expected_ms, budget_ms)`:
 /// the last attempt's expected latency and the time budget, for messages.
 fn ended(
     outcome: RunOutcome,
     upstream: UpstreamSummary,
     (expected_ms, budget_ms): (Option<u64>, u64),
+    blame: &Blame<'_>,
     id: &str,
 ) -> Ended {
     match outcome {
         RunOutcome::Answer(reply) if matches!(reply.status, 401 | 403) => {
-            auth_failed(reply, upstream, id)
+            auth_failed(reply, upstream, blame, id)
         }
-        RunOutcome::Answer(reply) => passed_on(reply, upstream, id),
+        RunOutcome::Answer(reply) => passed_on(reply, upstream, blame, id),
         RunOutcome::CircuitOpen { retry_after_ms } => {
             all_breakers_open(upstream, retry_after_ms, id)
         }
@@ -246,10 +287,10 @@ fn ended(
                 expected_ms,
                 budget_ms,
             };
-            gave_up(why, last, upstream, id)
+            gave_up(why, last, upstream, blame, id)
         }
-        RunOutcome::Unsendable { .. } => unsendable(id),
-        RunOutcome::NoTimeToStart { remaining_ms } => no_time(remaining_ms, upstream, id),
+        RunOutcome::Unsendable { .. } => unsendable(blame, id),
+        RunOutcome::NoTimeToStart { remaining_ms } => no_time(remaining_ms, upstream, blame, id),
     }
 }
 
@@ -279,14 +320,24 @@ fn ids(upstream: &UpstreamSummary) -> String {
 }
 
 /// 502 `upstream_auth_failed`: the upstream refused the server's own key (401/403).
-fn auth_failed(reply: UpstreamReply, upstream: UpstreamSummary, id: &str) -> Ended {
+fn auth_failed(
+    reply: UpstreamReply,
+    upstream: UpstreamSummary,
+    blame: &Blame<'_>,
+    id: &str,
+) -> Ended {
     let code = ErrorCode::UpstreamAuthFailed;
     let upstream = UpstreamSummary {
         last_error: Some(AttemptOutcome::Reply(reply.clone()).describe()),
         ..upstream
     };
+    let key = match blame.default() {
+        true => "the function's OpenAI key",
+        false => "the key configured for that upstream",
+    };
     let message = format!(
-        "OpenAI rejected the proxy's own API key ({}). This is not a problem with your request or your token: the operator must fix the function's OpenAI key. Upstream request ids: {}.",
+        "{} rejected the proxy's own API key ({}). This is not a problem with your request or your token: the operator must fix {key}. Upstream request ids: {}.",
+        blame.last().subject(),
         upstream.last_error.as_deref().unwrap_or_default(),
         ids(&upstream)
     );
@@ -296,7 +347,12 @@ fn auth_failed(reply: UpstreamReply, upstream: UpstreamSummary, id: &str) -> End
 
 /// A final upstream answer, passed on as it is (status, body, content type); an answer too
 /// large for Lambda becomes a 502 instead.
-fn passed_on(mut reply: UpstreamReply, upstream: UpstreamSummary, id: &str) -> Ended {
+fn passed_on(
+    mut reply: UpstreamReply,
+    upstream: UpstreamSummary,
+    blame: &Blame<'_>,
+    id: &str,
+) -> Ended {
     let outcome = if (200..300).contains(&reply.status) {
         Outcome::Success
     } else {
@@ -316,7 +372,7 @@ fn passed_on(mut reply: UpstreamReply, upstream: UpstreamSummary, id: &str) -> E
     }
     if reply.oversized || !resp.fits_lambda_limit() {
         let code = ErrorCode::UpstreamResponseTooLarge;
-        return Ended::failure(code, too_large(&reply, upstream, id), Some(reply));
+        return Ended::failure(code, too_large(&reply, upstream, blame, id), Some(reply));
     }
     Ended {
         resp,
@@ -348,16 +404,28 @@ fn all_breakers_open(upstream: UpstreamSummary, retry_after_ms: u64, id: &str) -
 
 /// 502 `upstream_response_too_large`: the upstream's final answer cannot be returned through
 /// Lambda. Retrying cannot help, so it is not retried (like every error, `x-should-retry: false`).
-fn too_large(reply: &UpstreamReply, upstream: UpstreamSummary, id: &str) -> ProxyResponse {
+fn too_large(
+    reply: &UpstreamReply,
+    upstream: UpstreamSummary,
+    blame: &Blame<'_>,
+    id: &str,
+) -> ProxyResponse {
     let code = ErrorCode::UpstreamResponseTooLarge;
     let status = AttemptOutcome::Reply(reply.clone()).describe();
     let upstream = UpstreamSummary {
         last_error: Some(format!("{status}: answer too large")),
         ..upstream
     };
+    let mb = LAMBDA_RESPONSE_LIMIT / 1_000_000;
+    let answer = match blame.default() {
+        true => format!("OpenAI's answer ({status}) is larger than the {mb} MB"),
+        false => format!(
+            "{} answered {status} with more than the {mb} MB",
+            blame.last().subject()
+        ),
+    };
     let message = format!(
-        "OpenAI's answer ({status}) is larger than the {} MB a Lambda function can return, so the proxy read no further and cannot pass it on. Ask for less in one request (fewer inputs per embeddings request, encoding_format \"base64\" for embeddings, a lower max_tokens). Upstream request ids: {}.",
-        LAMBDA_RESPONSE_LIMIT / 1_000_000,
+        "{answer} a Lambda function can return, so the proxy read no further and cannot pass it on. Ask for less in one request (fewer inputs per embeddings request, encoding_format \"base64\" for embeddings, a lower max_tokens). Upstream request ids: {}.",
         ids(&upstream)
     );
     ProxyResponse::error(code, message, Some(&upstream), id)
@@ -365,14 +433,13 @@ fn too_large(reply: &UpstreamReply, upstream: UpstreamSummary, id: &str) -> Prox
 
 /// 500 `internal_error`: the request to the upstream could not be built and no setting is at
 /// fault (the caller checked, see `admit::unsendable`).
-fn unsendable(id: &str) -> Ended {
+fn unsendable(blame: &Blame<'_>, id: &str) -> Ended {
     let code = ErrorCode::InternalError;
-    let resp = ProxyResponse::error(
-        code,
-        "The proxy could not build the request to OpenAI. This is a bug in the proxy, not in your request.",
-        None,
-        id,
+    let message = format!(
+        "The proxy could not build the request to {}. This is a bug in the proxy, not in your request.",
+        blame.last().phrase
     );
+    let resp = ProxyResponse::error(code, message, None, id);
     Ended {
         resp,
         code: Some(code),
@@ -382,7 +449,7 @@ fn unsendable(id: &str) -> Ended {
 }
 
 /// 504 `upstream_timeout` before any attempt: too little of the budget was left to start one.
-fn no_time(remaining_ms: u64, upstream: UpstreamSummary, id: &str) -> Ended {
+fn no_time(remaining_ms: u64, upstream: UpstreamSummary, blame: &Blame<'_>, id: &str) -> Ended {
     let code = ErrorCode::UpstreamTimeout;
     let upstream = UpstreamSummary {
         last_error: Some("no time left to call the upstream".into()),
@@ -390,8 +457,12 @@ fn no_time(remaining_ms: u64, upstream: UpstreamSummary, id: &str) -> Ended {
     };
     // x-should-retry: false like every error: a deadline this close usually means the
     // function's timeout leaves no room for MIN_ATTEMPT_MS, which a retry cannot fix.
+    let not_called = match blame.default() {
+        true => "too little to call OpenAI, so OpenAI was not called",
+        false => "too little to call an upstream, so none was called",
+    };
     let message = format!(
-        "The proxy had only {remaining_ms} ms of its time budget left when the request arrived (the gateway's or Lambda's deadline is near), too little to call OpenAI, so OpenAI was not called. If this persists, the operator should check the function's timeout against MIN_ATTEMPT_MS and DEADLINE_MARGIN_MS."
+        "The proxy had only {remaining_ms} ms of its time budget left when the request arrived (the gateway's or Lambda's deadline is near), {not_called}. If this persists, the operator should check the function's timeout against MIN_ATTEMPT_MS and DEADLINE_MARGIN_MS."
     );
     Ended::failure(
         code,
@@ -410,12 +481,18 @@ struct GaveUp {
 
 /// 504 when the deadline cut an attempt that was still waiting; otherwise 429 after a 429,
 /// else 502. The message says why it stopped; `retry-after` when the upstream asked for one.
-fn gave_up(why: GaveUp, last: AttemptOutcome, upstream: UpstreamSummary, id: &str) -> Ended {
+fn gave_up(
+    why: GaveUp,
+    last: AttemptOutcome,
+    upstream: UpstreamSummary,
+    blame: &Blame<'_>,
+    id: &str,
+) -> Ended {
     let upstream = UpstreamSummary {
         last_error: Some(last.describe()),
         ..upstream
     };
-    let (code, message) = gave_up_message(&why, &last, &upstream);
+    let (code, message) = gave_up_message(&why, &last, &upstream, blame);
     let mut resp = ProxyResponse::error(code, message, Some(&upstream), id);
     if let Some(ms) = why.retry_after_ms {
         resp.set_header("retry-after", ms.div_ceil(1000).to_string());
@@ -432,6 +509,7 @@ fn gave_up_message(
     why: &GaveUp,
     last: &AttemptOutcome,
     upstream: &UpstreamSummary,
+    blame: &Blame<'_>,
 ) -> (ErrorCode, String) {
     let attempts = format!(
         "{} attempt{} over {}",
@@ -441,31 +519,35 @@ fn gave_up_message(
     );
     let (budget, ids) = (seconds(why.budget_ms), ids(upstream));
     let last_error = upstream.last_error.as_deref().unwrap_or_default();
-    let reason = stop_reason(why, &budget);
+    let reason = stop_reason(why, &budget, &blame.last());
+    let tried = blame.tried();
+    let (who, check) = (tried.subject(), status_page(&tried));
     match (why.reason, last) {
         (GiveUpReason::DeadlineReached, _) => (
             ErrorCode::UpstreamTimeout,
             format!(
-                "OpenAI did not answer in time: {attempts}; the last attempt was still waiting when the proxy's {budget} time budget ran out. Upstream request ids: {ids}. Check {STATUS_PAGE}."
+                "{who} did not answer in time: {attempts}; the last attempt was still waiting when the proxy's {budget} time budget ran out. Upstream request ids: {ids}.{check}"
             ),
         ),
         (_, AttemptOutcome::Reply(r)) if r.status == 429 => (
             ErrorCode::UpstreamRateLimited,
             format!(
-                "OpenAI kept rate-limiting this request: {attempts} ended with {last_error}; {reason}. Upstream request ids: {ids}."
+                "{who} kept rate-limiting this request: {attempts} ended with {last_error}; {reason}. Upstream request ids: {ids}."
             ),
         ),
         _ => (
             ErrorCode::UpstreamUnavailable,
             format!(
-                "OpenAI is unavailable: {attempts} failed (last: {last_error}); {reason}. Upstream request ids: {ids}. Check {STATUS_PAGE}."
+                "{who} {} unavailable: {attempts} failed (last: {last_error}); {reason}. Upstream request ids: {ids}.{check}",
+                tried.verb("is", "are")
             ),
         ),
     }
 }
 
-/// Why no further attempt was made, for the message (`budget`: the time budget, formatted).
-fn stop_reason(why: &GaveUp, budget: &str) -> String {
+/// Why no further attempt was made, for the message (`budget`: the time budget, formatted;
+/// `last`: the upstream tried last).
+fn stop_reason(why: &GaveUp, budget: &str, last: &Naming) -> String {
     match why.reason {
         GiveUpReason::AttemptsExhausted => {
             "the proxy made every attempt it is allowed (RETRY_MAX_ATTEMPTS)".to_owned()
@@ -474,7 +556,8 @@ fn stop_reason(why: &GaveUp, budget: &str) -> String {
             format!("too little of the proxy's {budget} time budget was left for another attempt")
         }
         GiveUpReason::RetryAfterPastDeadline => format!(
-            "OpenAI asked to wait {}, past the end of the proxy's {budget} time budget",
+            "{} asked to wait {}, past the end of the proxy's {budget} time budget",
+            last.phrase,
             seconds(why.retry_after_ms.unwrap_or_default())
         ),
         GiveUpReason::DeadlineReached => format!("the proxy's {budget} time budget ran out"),

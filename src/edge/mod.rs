@@ -35,7 +35,7 @@ use crate::config::{ConfigError, Settings};
 use crate::retry::{Clock, RunOutcome};
 use crate::secrets::Secrets;
 use crate::telemetry::metrics::MetricsSink;
-use crate::upstream::{ForwardRequest, LiveStream, UpstreamClient};
+use crate::upstream::{ForwardRequest, UpstreamClient};
 use crate::upstreams::MAX_UPSTREAMS;
 use crate::upstreams::breaker::Breakers;
 use crate::upstreams::latency::LatencyBook;
@@ -97,7 +97,7 @@ struct Answered {
     summary: Summary,
     budget: Budget,
     request_id: String,
-    live: Option<LiveStream>,
+    live: Option<upstreams::Committed>,
 }
 
 /// One request on its way: what every step of `serve` needs.
@@ -272,7 +272,7 @@ impl Proxy {
         ev: &GatewayEvent,
         body: EventBody,
         call: &Call<'_>,
-    ) -> (Answer, Option<LiveStream>) {
+    ) -> (Answer, Option<upstreams::Committed>) {
         let (ready, admitted) = match self.admission(ev, body, call).await {
             Admission::Forward(ready, admitted) => (ready, admitted),
             Admission::Health(route) => return (answer::health(route.path, call.id), None),
@@ -327,7 +327,7 @@ impl Proxy {
         ev: &GatewayEvent,
         admitted: Admitted,
         call: &Call<'_>,
-    ) -> Result<(Answer, Option<LiveStream>), Rejection> {
+    ) -> Result<(Answer, Option<upstreams::Committed>), Rejection> {
         let settings = &ready.settings;
         let Admitted {
             route,
@@ -373,7 +373,7 @@ impl Proxy {
         }
         let committed =
             matches!(&run.outcome, RunOutcome::Answer(r) if (200..300).contains(&r.status));
-        let live = committed.then(|| routed.take_live()).flatten();
+        let live = committed.then(|| routed.take_live(&run)).flatten();
         let done = answer::ran(run, &routed, model, call.id, call.budget.budget_ms);
         Ok((done, live))
     }

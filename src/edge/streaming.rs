@@ -29,9 +29,10 @@ use super::render::Payload;
 use super::request::Front;
 use super::response::ProxyResponse;
 use super::time::Time;
+use super::upstreams::Committed;
 use super::{Answered, Invocation, Proxy};
 use crate::retry::{Clock, TokioSleeper};
-use crate::stream::{ApiFlavor, CallerGone, EventSink, StreamLimits, forward};
+use crate::stream::{ApiFlavor, CallerGone, EventSink, StreamLimits, StreamSource, forward};
 use crate::upstream::LiveStream;
 
 impl Proxy {
@@ -84,7 +85,7 @@ impl Proxy {
     fn start_stream(
         self: &Arc<Self>,
         done: Answered,
-        live: LiveStream,
+        live: Committed,
         ending: Arc<Ending>,
         span: tracing::Span,
     ) -> StreamResponse<Body> {
@@ -107,7 +108,7 @@ impl Proxy {
     async fn forward_stream(
         self: Arc<Self>,
         done: Answered,
-        live: LiveStream,
+        live: Committed,
         mut sink: LambdaSink,
         ending: Arc<Ending>,
     ) {
@@ -123,14 +124,18 @@ impl Proxy {
         } else {
             ApiFlavor::Chat
         };
-        let LiveStream { prefix, mut reader } = live;
+        let Committed {
+            live: LiveStream { prefix, mut reader },
+            upstream,
+        } = live;
+        let source = StreamSource { flavor, upstream };
         // The proxy's clock for the deadline; tokio's timer for the idle gap (real I/O).
         let (clock, sleeper) = (&self.time, &TokioSleeper);
         let report = forward(
             prefix,
             &mut reader,
             &mut sink,
-            flavor,
+            &source,
             limits,
             clock,
             sleeper,

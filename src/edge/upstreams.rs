@@ -15,6 +15,7 @@ use crate::config::{KeySource, Settings};
 use crate::retry::{AttemptPlan, AttemptRecord, Clock, Engine, RetryPolicy, RetryRun, RunOutcome};
 use crate::secrets::SecretError;
 use crate::upstream::{Attempt, ForwardRequest, LiveStream};
+use crate::upstreams::naming::{Naming, naming};
 use crate::upstreams::routing::Router;
 use crate::upstreams::{UpstreamSpec, UpstreamsSource};
 
@@ -31,15 +32,27 @@ pub(super) struct Routed<'a> {
     pub live: Option<Mutex<Option<LiveStream>>>,
 }
 
+/// A committed upstream stream still to be forwarded, and the upstream sending it as messages
+/// name it (for its error event, should it break).
+pub(super) struct Committed {
+    pub live: LiveStream,
+    pub upstream: Naming,
+}
+
 impl Routed<'_> {
     pub fn names(&self) -> Vec<String> {
         self.list.iter().map(|u| u.name.clone()).collect()
     }
 
-    /// The committed stream, if the run ended on one.
-    pub fn take_live(&self) -> Option<LiveStream> {
+    /// The committed stream, if `run` ended on one, with the upstream that sends it.
+    pub fn take_live(&self, run: &RetryRun) -> Option<Committed> {
         let slot = self.live.as_ref()?;
-        slot.lock().unwrap_or_else(|e| e.into_inner()).take()
+        let live = slot.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+        let upstream = run.attempts.last().map(|a| a.target.upstream);
+        Some(Committed {
+            live,
+            upstream: naming(self.list, upstream.as_slice()),
+        })
     }
 
     /// The model an attempt asks for (before the upstream's own model map).

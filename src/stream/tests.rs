@@ -285,6 +285,19 @@ async fn run(
     flavor: ApiFlavor,
     limits: impl Fn(u64) -> StreamLimits,
 ) -> (StreamReport, Recorder, usize) {
+    let source = StreamSource {
+        flavor,
+        upstream: Naming::openai(),
+    };
+    run_from(steps, &source, limits).await
+}
+
+/// [`run`] for a stream from `source`.
+async fn run_from(
+    steps: &[Step],
+    source: &StreamSource,
+    limits: impl Fn(u64) -> StreamLimits,
+) -> (StreamReport, Recorder, usize) {
     let clock = Arc::new(VirtualClock::new());
     let (mut reader, taken) = scripted(steps);
     let prefix = await_first_event(&mut reader, clock.as_ref(), &TokioSleeper, 60_000, 1 << 20)
@@ -297,7 +310,7 @@ async fn run(
         prefix,
         &mut reader,
         &mut sink,
-        flavor,
+        source,
         limits,
         clock.as_ref(),
         sleeper,
@@ -359,6 +372,54 @@ async fn a_cut_after_the_commit_ends_with_exactly_one_error_event_and_no_retry()
     assert_eq!(errors[0]["error"]["type"], "server_error");
     assert!(body.ends_with("\n\n") && !body.contains("[DONE]"));
     assert_eq!(report.bytes as usize, body.len());
+}
+
+/// The error event names the upstream as §5 messages do: "OpenAI" with the default upstream
+/// (v1's wording), the upstream's name and kind with a configured list.
+#[tokio::test(start_paused = true)]
+async fn the_error_event_names_the_upstream_that_sent_the_stream() {
+    let list = crate::upstreams::parse_upstreams(
+        "UPSTREAMS",
+        r#"[{"name":"primary","base_url":"https://p.example/v1","api_key":"k1"},
+            {"name":"backup","base_url":"https://b.example/v1","api_key":"k2"}]"#,
+    )
+    .unwrap();
+    let backup = crate::upstreams::naming::naming(&list, &[1]);
+    let cut = [Step::Chunk(10, EV1), Step::Chunk(10, EV2), Step::Cut(10)];
+    let idle = [Step::Chunk(10, EV1), Step::Hang];
+    let cases = [
+        (
+            Naming::openai(),
+            &cut[..],
+            "OpenAI's stream broke off after 2 events.",
+        ),
+        (
+            Naming::openai(),
+            &idle[..],
+            "OpenAI stopped sending after 1 event:",
+        ),
+        (
+            backup.clone(),
+            &cut[..],
+            "The stream from the upstream `backup` (openai) broke off after 2 events.",
+        ),
+        (
+            backup,
+            &idle[..],
+            "The upstream `backup` (openai) stopped sending after 1 event:",
+        ),
+    ];
+    for (upstream, steps, expected) in cases {
+        let source = StreamSource {
+            flavor: ApiFlavor::Chat,
+            upstream,
+        };
+        let (_, sink, _) = run_from(steps, &source, generous).await;
+        let errors = error_events(&sink.body());
+        let message = errors[0]["error"]["message"].as_str().unwrap().to_owned();
+        assert!(message.starts_with(expected), "{message}");
+        assert!(!message.contains("example"), "a URL in {message}");
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -428,7 +489,10 @@ async fn when_the_caller_goes_away_upstream_is_no_longer_read() {
         prefix,
         &mut reader,
         &mut sink,
-        ApiFlavor::Chat,
+        &StreamSource {
+            flavor: ApiFlavor::Chat,
+            upstream: Naming::openai(),
+        },
         limits,
         clock.as_ref(),
         &TokioSleeper,

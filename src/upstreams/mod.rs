@@ -8,6 +8,7 @@
 pub mod breaker;
 pub mod fallback;
 pub mod latency;
+pub mod naming;
 pub mod routing;
 
 use std::collections::BTreeMap;
