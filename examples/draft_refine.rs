@@ -15,9 +15,9 @@
 use bytes::Bytes;
 use lambda_runtime::{Error, LambdaEvent, service_fn};
 use openai_lambda_proxy::{
-    AttemptOutcome, Clock, Deadline, DeadlineSettings, FastRandJitter, ForwardRequest, KeySource,
-    RetryEngine, RetryPolicy, RunOutcome, SystemClock, TokioSleeper, UpstreamClient, UpstreamKind,
-    UpstreamSpec,
+    Attempt, AttemptOutcome, Clock, Deadline, DeadlineSettings, FastRandJitter, ForwardRequest,
+    KeySource, RetryEngine, RetryPolicy, RunOutcome, SystemClock, TokioSleeper, UpstreamClient,
+    UpstreamKind, UpstreamSpec,
 };
 use serde_json::{Value, json};
 
@@ -135,13 +135,13 @@ impl App {
                 &TokioSleeper,
                 &mut FastRandJitter,
                 |plan| {
-                    self.client.send(
-                        &request,
-                        &self.upstream,
-                        &self.api_key,
-                        body.clone(),
-                        plan.timeout_ms,
-                    )
+                    self.client.send(Attempt {
+                        req: &request,
+                        upstream: &self.upstream,
+                        api_key: &self.api_key,
+                        body: body.clone(),
+                        timeout_ms: plan.timeout_ms,
+                    })
                 },
                 |_| {},
             )

@@ -26,7 +26,7 @@ pub use edge::{Invocation, Proxy};
 //   `Retry-After`, never starting an attempt or a sleep that cannot end before that deadline,
 //   and says how the run ended ([`RunOutcome`]); clock, sleep and randomness are injected
 //   ([`SystemClock`], [`TokioSleeper`], [`FastRandJitter`] in production);
-// - the upstream client: [`UpstreamClient::send`] is one attempt, one HTTP exchange with an
+// - the upstream client: [`UpstreamClient::send`] is one [`Attempt`], one HTTP exchange with an
 //   OpenAI-compatible API ([`UpstreamSpec`]: base URL, OpenAI or Azure auth), classified into an
 //   [`AttemptOutcome`] the engine understands.
 pub use config::KeySource;
@@ -36,5 +36,5 @@ pub use retry::{
     RetryEngine, RetryPolicy, RetryRun, RunOutcome, Sleeper, SystemClock, TokioSleeper,
     UpstreamReply, epoch_ms,
 };
-pub use upstream::{ForwardRequest, UpstreamClient};
+pub use upstream::{Attempt, ForwardRequest, UpstreamClient};
 pub use upstreams::{UpstreamKind, UpstreamSpec};

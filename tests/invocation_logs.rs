@@ -156,3 +156,42 @@ async fn a_panic_still_ends_in_one_request_finished_line_and_one_metrics_record(
     assert_eq!(capture.lines_with(&id, "request finished").len(), 1);
     assert_eq!(metrics.for_id(&id).len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_a_streaming_invocation_still_answers_500_with_one_line_and_one_record() {
+    use futures_util::StreamExt;
+
+    let _serial = SERIAL.lock().await;
+    let logs = logs::check(&[KEY, TOKEN]);
+    let capture = logs.capture();
+    let sim = simulator().await;
+    let metrics = Arc::new(Recorded::default());
+    let p = proxy(&sim.base_url(), metrics.clone());
+    logs::panic_once_on("upstream attempt");
+    let id = request_id("logs-stream");
+    let inv = Invocation {
+        request_id: id.clone(),
+        deadline_ms: now_ms() + 20_000,
+    };
+    let resp = p
+        .handle_streaming_event(chat_event(Some(&bearer(TOKEN))), inv)
+        .await;
+    // The usual §5 answer in the streaming format: prelude, then the JSON body.
+    let prelude = serde_json::to_value(&resp.metadata_prelude).unwrap();
+    assert_eq!(prelude["statusCode"], 500, "{prelude}");
+    assert_eq!(prelude["headers"]["content-type"], "application/json");
+    assert_eq!(prelude["headers"]["x-lambda-request-id"], id.as_str());
+    let mut body = Vec::new();
+    let mut stream = resp.stream;
+    while let Some(chunk) = stream.next().await {
+        body.extend_from_slice(&chunk.expect("no body error"));
+    }
+    let error: Value = serde_json::from_slice(&body).expect("a JSON body");
+    assert_eq!(error["error"]["code"], "internal_error", "{error}");
+    let finished = capture.lines_with(&id, "request finished");
+    assert_eq!(finished.len(), 1, "{finished:?}");
+    assert_eq!(finished[0]["status"], 500);
+    assert_eq!(finished[0]["route"], "/chat/completions");
+    assert_eq!(finished[0]["level"], "ERROR");
+    assert_eq!(metrics.for_id(&id).len(), 1);
+}

@@ -115,28 +115,38 @@ pub(super) fn rejected(r: Rejection, id: &str) -> Answer {
 
 /// An event that is no HTTP request of a front door this function knows.
 pub(super) fn not_an_http_request(id: &str) -> Answer {
-    let code = ErrorCode::InvalidRequest;
-    let resp = ProxyResponse::error(
-        code,
-        "The event is not an HTTP request from API Gateway (REST or HTTP API), a Lambda function URL or an Application Load Balancer.",
-        None,
+    let message = "The event is not an HTTP request from API Gateway (REST or HTTP API), a Lambda function URL or an Application Load Balancer.";
+    own_error(
+        ErrorCode::InvalidRequest,
+        message,
+        "unknown",
+        Outcome::Rejected,
         id,
-    );
-    let summary = Summary::without_run("unknown", Some(code), Outcome::Rejected);
-    Answer::new(resp, summary, id)
+    )
 }
 
 /// The handler failed (a panic): 500 `internal_error`, on `route` if one matched.
 pub(super) fn internal_error(route: &'static str, id: &str) -> Answer {
-    let code = ErrorCode::InternalError;
-    let resp = ProxyResponse::error(
-        code,
-        "The proxy failed while handling this request. This is a bug in the proxy, not in your request.",
-        None,
+    let message = "The proxy failed while handling this request. This is a bug in the proxy, not in your request.";
+    own_error(
+        ErrorCode::InternalError,
+        message,
+        route,
+        Outcome::InternalError,
         id,
-    );
-    let summary = Summary::without_run(route, Some(code), Outcome::InternalError);
-    Answer::new(resp, summary, id)
+    )
+}
+
+/// An error of the function's own, without an upstream run.
+fn own_error(
+    code: ErrorCode,
+    message: &str,
+    route: &'static str,
+    outcome: Outcome,
+    id: &str,
+) -> Answer {
+    let resp = ProxyResponse::error(code, message, None, id);
+    Answer::new(resp, Summary::without_run(route, Some(code), outcome), id)
 }
 
 /// One way a run ended: the response so far, its code and outcome, and the upstream answer

@@ -2,12 +2,12 @@
 //! answer in the §5 shape; the handler never returns an error to the runtime (API Gateway would
 //! turn it into a bare 502) and never panics.
 //!
-//! One event flows one way: [`guard`] (the panic guard layer: the invocation starts, the event
-//! is parsed once by [`request`]) → `serve` below, the only I/O, calling in order the pure
-//! [`admit`] step (route, auth, body, model → `Admitted` | `Rejection`), the upstream run
-//! (`upstreams`, over the retry engine) and the pure [`answer`] step (how it ended → response and
-//! summary) → [`finish`] (the `request finished` line, the metrics record) → [`render`] or
-//! [`streaming`] (the payload each front door expects).
+//! One event flows one way: `guard.rs` (the panic guard layer: the invocation starts, the event
+//! is parsed once by `request.rs`) → `serve` below, the only I/O, calling in order the pure
+//! `admit.rs` step (route, auth, body, model → `Admitted` | `Rejection`), the upstream run
+//! (`upstreams.rs`, over the retry engine) and the pure `answer.rs` step (how it ended →
+//! response and summary) → `finish.rs` (the `request finished` line, the metrics record) →
+//! `render.rs` or `streaming.rs` (the payload each front door expects).
 
 mod admit;
 mod answer;
@@ -26,8 +26,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lambda_runtime::tower::{Layer, Service, ServiceExt, service_fn};
-use lambda_runtime::{Context, LambdaEvent};
+use lambda_runtime::Context;
+use lambda_runtime::tower::Service;
 use serde_json::Value;
 
 use crate::config::{ConfigError, Settings};
@@ -42,7 +42,7 @@ use crate::upstreams::latency::LatencyBook;
 use admit::{Admitted, Rejection};
 use answer::{Answer, Summary};
 use finish::Ending;
-use guard::{PanicGuardLayer, Started};
+use guard::Started;
 use render::render;
 use request::{EventBody, Front, GatewayEvent};
 use response::{LAMBDA_RESPONSE_LIMIT, ProxyResponse};
@@ -164,32 +164,24 @@ impl Proxy {
         }
     }
 
-    /// The buffered handler service (the runtime calls it through [`PanicGuardLayer`]).
+    /// The buffered handler service (the runtime calls it through
+    /// [`PanicGuardLayer`](guard::PanicGuardLayer)).
     pub fn buffered(
         self: &Arc<Self>,
     ) -> impl Service<Started, Response = Value, Error = Infallible, Future: Send + 'static>
     + Clone
     + Send
     + 'static {
-        let proxy = self.clone();
-        service_fn(move |started: Started| {
-            let proxy = proxy.clone();
-            async move { Ok(proxy.handle(started).await) }
-        })
+        self.handler(Proxy::handle)
     }
 
     /// Answers one event in the buffered format, through the panic guard as the runtime does.
     pub async fn handle_event(self: &Arc<Self>, event: Value, invocation: Invocation) -> Value {
-        let guarded = PanicGuardLayer::new(self.clone()).layer(self.buffered());
-        let event = LambdaEvent::new(event, invocation.context());
-        match guarded.oneshot(event).await {
-            Ok(payload) => payload,
-            Err(e) => unreachable!("the panic guard answers every event: {e}"),
-        }
+        self.guarded_call(self.buffered(), event, invocation).await
     }
 
     /// Answers one event (behind the panic guard).
-    async fn handle(&self, started: Started) -> Value {
+    async fn handle(self: Arc<Self>, started: Started) -> Value {
         let Started {
             event,
             invocation,

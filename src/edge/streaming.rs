@@ -18,13 +18,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use lambda_runtime::streaming::{Body, Sender, channel};
-use lambda_runtime::tower::{Layer, Service, ServiceExt, service_fn};
-use lambda_runtime::{LambdaEvent, MetadataPrelude, StreamResponse};
+use lambda_runtime::tower::Service;
+use lambda_runtime::{MetadataPrelude, StreamResponse};
 use serde_json::Value;
 use tracing::Instrument;
 
 use super::finish::{Ending, StreamLog};
-use super::guard::{PanicGuardLayer, Started};
+use super::guard::Started;
 use super::render::Payload;
 use super::request::Front;
 use super::response::ProxyResponse;
@@ -36,7 +36,8 @@ use crate::stream::{ApiFlavor, CallerGone, EventSink, StreamLimits, StreamSource
 use crate::upstream::LiveStream;
 
 impl Proxy {
-    /// The streaming handler service (the runtime calls it through [`PanicGuardLayer`]).
+    /// The streaming handler service (the runtime calls it through
+    /// [`PanicGuardLayer`](super::guard::PanicGuardLayer)).
     pub fn streaming(
         self: &Arc<Self>,
     ) -> impl Service<
@@ -47,11 +48,7 @@ impl Proxy {
     > + Clone
     + Send
     + 'static {
-        let proxy = self.clone();
-        service_fn(move |started: Started| {
-            let proxy = proxy.clone();
-            async move { Ok(proxy.handle_streaming(started).await) }
-        })
+        self.handler(Proxy::handle_streaming)
     }
 
     /// Answers one event in the streaming format, through the panic guard as the runtime does.
@@ -60,12 +57,7 @@ impl Proxy {
         event: Value,
         invocation: Invocation,
     ) -> StreamResponse<Body> {
-        let guarded = PanicGuardLayer::new(self.clone()).layer(self.streaming());
-        let event = LambdaEvent::new(event, invocation.context());
-        match guarded.oneshot(event).await {
-            Ok(payload) => payload,
-            Err(e) => unreachable!("the panic guard answers every event: {e}"),
-        }
+        self.guarded_call(self.streaming(), event, invocation).await
     }
 
     /// Answers one event (behind the panic guard): a committed stream is forwarded from a task

@@ -16,7 +16,7 @@ use crate::retry::{
     AttemptPlan, AttemptRecord, Clock, RetryEngine, RetryPolicy, RetryRun, RunOutcome,
 };
 use crate::secrets::SecretError;
-use crate::upstream::{ForwardRequest, LiveStream};
+use crate::upstream::{Attempt, ForwardRequest, LiveStream};
 use crate::upstreams::naming::{Naming, naming};
 use crate::upstreams::routing::Router;
 use crate::upstreams::{UpstreamSpec, UpstreamsSource};
@@ -237,14 +237,17 @@ impl Proxy {
         };
         async move {
             let client = &ready.upstream;
-            let Some(live) = &req.live else {
-                return client
-                    .send(req.forward, spec, &key, body, plan.timeout_ms)
-                    .await;
+            let attempt = Attempt {
+                req: req.forward,
+                upstream: spec,
+                api_key: &key,
+                body,
+                timeout_ms: plan.timeout_ms,
             };
-            let (outcome, stream) = client
-                .send_stream(req.forward, spec, &key, body, plan.timeout_ms)
-                .await;
+            let Some(live) = &req.live else {
+                return client.send(attempt).await;
+            };
+            let (outcome, stream) = client.send_stream(attempt).await;
             *live.lock().unwrap_or_else(|e| e.into_inner()) = stream;
             outcome
         }
