@@ -16,18 +16,15 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use lambda_runtime::StreamResponse;
 use lambda_runtime::streaming::{Body, Sender, channel};
 use lambda_runtime::tower::Service;
-use lambda_runtime::{MetadataPrelude, StreamResponse};
 use serde_json::Value;
 use tracing::Instrument;
 
 use super::finish::{Ending, StreamLog};
 use super::guard::Started;
-use super::render::Payload;
-use super::request::Front;
-use super::response::ProxyResponse;
+use super::render::{prelude, whole};
 use super::time::Time;
 use super::upstreams::Committed;
 use super::{Answered, Invocation, Proxy};
@@ -178,55 +175,5 @@ impl EventSink for LambdaSink {
         self.tx.send_data(bytes).await.map_err(|_| CallerGone)?;
         self.first_at.get_or_insert_with(|| self.time.now_ms());
         Ok(())
-    }
-}
-
-/// The prelude for an answer: its status and headers, no cookies.
-fn prelude(resp: &ProxyResponse) -> MetadataPrelude {
-    let mut headers = HeaderMap::new();
-    for (name, value) in &resp.headers {
-        // Every header the proxy sets is valid; a value that is not is dropped, not a panic.
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_str(value),
-        ) {
-            headers.append(n, v);
-        }
-    }
-    MetadataPrelude {
-        status_code: StatusCode::from_u16(resp.status).unwrap_or(StatusCode::BAD_GATEWAY),
-        headers,
-        cookies: Vec::new(),
-    }
-}
-
-impl Payload for StreamResponse<Body> {
-    fn payload(_: Option<Front>, resp: ProxyResponse) -> StreamResponse<Body> {
-        whole(resp)
-    }
-}
-
-/// A complete answer in the streaming format: prelude, then the whole body at once.
-fn whole(resp: ProxyResponse) -> StreamResponse<Body> {
-    StreamResponse {
-        metadata_prelude: prelude(&resp),
-        stream: Body::from(resp.body),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::edge::response::ErrorCode;
-
-    #[test]
-    fn the_prelude_carries_status_and_headers() {
-        let mut resp = ProxyResponse::error(ErrorCode::UpstreamUnavailable, "down", None, "req-1");
-        resp.set_header("x-upstream-attempts", "3");
-        let p = serde_json::to_value(prelude(&resp)).unwrap();
-        assert_eq!(p["statusCode"], 502);
-        assert_eq!(p["headers"]["x-upstream-attempts"], "3");
-        assert_eq!(p["headers"]["content-type"], "application/json");
-        assert_eq!(p["cookies"], serde_json::json!([]));
     }
 }
