@@ -211,8 +211,15 @@ impl Proxy {
         let route = before.path.as_deref().and_then(routes::find);
         let done = answer::internal_error(route.map_or("unknown", |r| r.path), id);
         let gateway = before.front.map(|f| (f.kind, before.start_ms));
-        let budget = self.budget(&before.invocation, gateway, before.ending.started);
-        self.finish(id, &done.summary, &done.resp, &budget, &before.ending, None);
+        let deadline = self.deadline(&before.invocation, gateway, before.ending.started);
+        self.finish(
+            id,
+            &done.summary,
+            &done.resp,
+            &deadline,
+            &before.ending,
+            None,
+        );
         (before.front, done.resp)
     }
 }

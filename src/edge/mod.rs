@@ -89,13 +89,13 @@ struct Ready {
     latency: LatencyBook,
 }
 
-/// An event answered, before rendering: the response, its summary, the budget it ran in, and
+/// An event answered, before rendering: the response, its summary, the deadline it ran to, and
 /// the committed upstream stream still to be forwarded (`RESPONSE_STREAM` only).
 struct Answered {
     front: Option<Front>,
     resp: ProxyResponse,
     summary: Summary,
-    budget: Deadline,
+    deadline: Deadline,
     request_id: String,
     live: Option<upstreams::Committed>,
 }
@@ -103,7 +103,7 @@ struct Answered {
 /// One request on its way: what every step of `serve` needs.
 struct Call<'a> {
     id: &'a str,
-    budget: &'a Deadline,
+    deadline: &'a Deadline,
     /// The time left when the request arrived, for reading secrets.
     within: Duration,
     /// A `"stream": true` request may be committed to a real stream (`RESPONSE_STREAM`).
@@ -191,8 +191,8 @@ impl Proxy {
             ..
         } = started;
         let done = self.answer_event(event, &invocation, &ending, false).await;
-        let (id, summary, budget) = (&done.request_id, &done.summary, &done.budget);
-        self.finish(id, summary, &done.resp, budget, &ending, None);
+        let (id, summary, deadline) = (&done.request_id, &done.summary, &done.deadline);
+        self.finish(id, summary, &done.resp, deadline, &ending, None);
         render(done.front, done.resp)
     }
 
@@ -207,16 +207,16 @@ impl Proxy {
     ) -> Answered {
         let id = invocation.request_id.as_str();
         let gateway = event.as_ref().map(|e| (e.kind, e.start_ms));
-        let budget = self.budget(invocation, gateway, ending.started);
-        self.warn_about_emulators(&budget, invocation);
+        let deadline = self.deadline(invocation, gateway, ending.started);
+        self.warn_about_emulators(&deadline, invocation);
         let front = event.as_ref().map(GatewayEvent::front);
         let (done, live) = match event {
             Some(mut ev) => {
                 let body = ev.take_body();
                 let call = Call {
                     id,
-                    budget: &budget,
-                    within: budget.time_left(self.time.now_ms()),
+                    deadline: &deadline,
+                    within: deadline.time_left(self.time.now_ms()),
                     may_stream,
                 };
                 self.serve(&ev, body, &call).await
@@ -227,41 +227,42 @@ impl Proxy {
             front,
             resp: done.resp,
             summary: done.summary,
-            budget,
+            deadline,
             request_id: id.to_owned(),
             live,
         }
     }
 
-    /// The invocation's budget. Misconfigured: nothing goes upstream, but the default deadline
-    /// still makes sense.
-    fn budget(
+    /// The invocation's deadline and time budget. Misconfigured: nothing goes upstream, but
+    /// the default deadline settings still make sense.
+    fn deadline(
         &self,
         invocation: &Invocation,
         gateway: Option<(GatewayKind, Option<u64>)>,
         started: u64,
     ) -> Deadline {
-        let deadline = self
+        let settings = self
             .state
             .as_ref()
             .map_or_else(|_| DeadlineSettings::default(), |r| r.settings.deadline());
-        Deadline::compute(invocation.deadline_ms, gateway, started, &deadline)
+        Deadline::compute(invocation.deadline_ms, gateway, started, &settings)
     }
 
-    fn warn_about_emulators(&self, budget: &Deadline, invocation: &Invocation) {
-        if budget.lambda_deadline_replaced
+    fn warn_about_emulators(&self, deadline: &Deadline, invocation: &Invocation) {
+        if deadline.lambda_deadline_replaced
             && !self.warned_lambda_deadline.swap(true, Ordering::Relaxed)
         {
             tracing::warn!(
                 lambda_deadline_ms = invocation.deadline_ms,
-                budget_ms = budget.budget_ms,
+                budget_ms = deadline.budget_ms,
                 "Lambda deadline is not a plausible epoch time (local emulator?); using FALLBACK_TIMEOUT_MS"
             );
         }
-        if budget.gateway_start_ignored && !self.warned_gateway_start.swap(true, Ordering::Relaxed)
+        if deadline.gateway_start_ignored
+            && !self.warned_gateway_start.swap(true, Ordering::Relaxed)
         {
             tracing::warn!(
-                budget_ms = budget.budget_ms,
+                budget_ms = deadline.budget_ms,
                 "gateway start time in the event is stale or in the future (sample event?); ignoring it"
             );
         }
@@ -365,7 +366,7 @@ impl Proxy {
             live: (call.may_stream && stream && route.streams()).then(|| Mutex::new(None)),
         };
         let run = self
-            .call_upstream(ready, &routed, keys.clone(), call.budget)
+            .call_upstream(ready, &routed, keys.clone(), call.deadline)
             .await;
         if let RunOutcome::Unsendable { detail } = &run.outcome {
             tracing::error!(detail, "the request to the upstream could not be built");
@@ -376,7 +377,7 @@ impl Proxy {
         let committed =
             matches!(&run.outcome, RunOutcome::Answer(r) if (200..300).contains(&r.status));
         let live = committed.then(|| routed.take_live(&run)).flatten();
-        let done = answer::ran(run, &routed, model, call.id, call.budget.budget_ms);
+        let done = answer::ran(run, &routed, model, call.id, call.deadline.budget_ms);
         Ok((done, live))
     }
 }

@@ -70,8 +70,8 @@ impl Proxy {
         match done.live.take() {
             Some(live) => self.start_stream(done, live, ending, span),
             None => {
-                let (id, summary, budget) = (&done.request_id, &done.summary, &done.budget);
-                self.finish(id, summary, &done.resp, budget, &ending, None);
+                let (id, summary, deadline) = (&done.request_id, &done.summary, &done.deadline);
+                self.finish(id, summary, &done.resp, deadline, &ending, None);
                 whole(done.resp)
             }
         }
@@ -115,7 +115,7 @@ impl Proxy {
             .map_or(crate::stream::DEFAULT_IDLE_TIMEOUT_MS, |r| {
                 r.settings.stream_idle_timeout_ms
             });
-        let limits = StreamLimits::new(idle_ms, done.budget.deadline_ms);
+        let limits = StreamLimits::new(idle_ms, done.deadline.deadline_ms);
         let flavor = if done.summary.route == "/responses" {
             ApiFlavor::Responses
         } else {
@@ -156,8 +156,8 @@ impl Proxy {
             bytes: report.bytes,
             outcome: report.outcome,
         };
-        let (id, summary, budget) = (&done.request_id, &done.summary, &done.budget);
-        self.finish(id, summary, &done.resp, budget, &ending, Some(&log));
+        let (id, summary, deadline) = (&done.request_id, &done.summary, &done.deadline);
+        self.finish(id, summary, &done.resp, deadline, &ending, Some(&log));
         drop(sink);
     }
 }

@@ -112,9 +112,9 @@ impl Proxy {
         ready: &Ready,
         req: &Routed<'_>,
         keys: Vec<Arc<str>>,
-        budget: &Deadline,
+        deadline: &Deadline,
     ) -> RetryRun {
-        let run = self.run_engine(ready, req, &keys, budget, 0).await;
+        let run = self.run_engine(ready, req, &keys, deadline, 0).await;
         let rejected = match (&run.outcome, run.attempts.last()) {
             (RunOutcome::Answer(r), Some(last)) if r.status == 401 => last.target.upstream,
             _ => return run,
@@ -122,7 +122,7 @@ impl Proxy {
         if !matches!(req.list[rejected].key, KeySource::SecretArn(_)) {
             return run;
         }
-        self.with_fresh_key(ready, req, &keys, budget, run, rejected)
+        self.with_fresh_key(ready, req, &keys, deadline, run, rejected)
             .await
     }
 
@@ -133,7 +133,7 @@ impl Proxy {
         ready: &Ready,
         req: &Routed<'_>,
         keys: &[Arc<str>],
-        budget: &Deadline,
+        deadline: &Deadline,
         offset: u32,
     ) -> RetryRun {
         let settings = &ready.settings;
@@ -152,7 +152,7 @@ impl Proxy {
         let time = &self.time;
         engine
             .run_routed(
-                budget.deadline_ms,
+                deadline.deadline_ms,
                 time,
                 time,
                 &mut &*time,
@@ -170,12 +170,12 @@ impl Proxy {
         ready: &Ready,
         req: &Routed<'_>,
         keys: &[Arc<str>],
-        budget: &Deadline,
+        deadline: &Deadline,
         mut run: RetryRun,
         rejected: usize,
     ) -> RetryRun {
         let (settings, upstream) = (&ready.settings, &req.list[rejected].name);
-        let within = budget.time_left(self.time.now_ms());
+        let within = deadline.time_left(self.time.now_ms());
         let Ok(fresh) = self
             .upstream_keys(settings, req.list, Some(rejected), within)
             .await
@@ -193,7 +193,7 @@ impl Proxy {
             return run;
         }
         tracing::warn!(%upstream, "upstream rejected the key (401); read it again from Secrets Manager and retrying once");
-        let second = self.run_engine(ready, req, &fresh, budget, offset).await;
+        let second = self.run_engine(ready, req, &fresh, deadline, offset).await;
         if matches!(second.outcome, RunOutcome::NoTimeToStart { .. }) {
             return run;
         }
@@ -206,7 +206,7 @@ impl Proxy {
         run.switches += second.switches;
         run.circuit_open |= second.circuit_open;
         run.skipped += second.skipped;
-        run.elapsed_ms = self.time.now_ms().saturating_sub(budget.started_ms);
+        run.elapsed_ms = self.time.now_ms().saturating_sub(deadline.started_ms);
         run
     }
 
