@@ -2,7 +2,7 @@
 //! calls under one invocation deadline — a draft, then a refinement of that draft — and skip the
 //! refinement, with a clear note, when too little time is left for it.
 //!
-//! It uses the crate's library face: [`Budget`] (the time this invocation really has),
+//! It uses the crate's library face: [`Deadline`] (the time this invocation really has),
 //! [`RetryEngine`] (retries with jitter, never past the deadline) and [`UpstreamClient`] (one
 //! attempt = one HTTP exchange, classified).
 //!
@@ -15,9 +15,9 @@
 use bytes::Bytes;
 use lambda_runtime::{Error, LambdaEvent, service_fn};
 use openai_lambda_proxy::{
-    AttemptOutcome, Budget, Clock, DeadlineSettings, FastRandJitter, ForwardRequest, KeySource,
-    RetryEngine, RetryPolicy, RunOutcome, SystemClock, TokioSleeper, UpstreamClient, UpstreamKind,
-    UpstreamSpec,
+    Attempt, AttemptOutcome, Clock, Deadline, DeadlineSettings, FastRandJitter, ForwardRequest,
+    KeySource, RetryEngine, RetryPolicy, RunOutcome, SystemClock, TokioSleeper, UpstreamClient,
+    UpstreamKind, UpstreamSpec,
 };
 use serde_json::{Value, json};
 
@@ -135,13 +135,13 @@ impl App {
                 &TokioSleeper,
                 &mut FastRandJitter,
                 |plan| {
-                    self.client.send(
-                        &request,
-                        &self.upstream,
-                        &self.api_key,
-                        body.clone(),
-                        plan.timeout_ms,
-                    )
+                    self.client.send(Attempt {
+                        req: &request,
+                        upstream: &self.upstream,
+                        api_key: &self.api_key,
+                        body: body.clone(),
+                        timeout_ms: plan.timeout_ms,
+                    })
                 },
                 |_| {},
             )
@@ -195,7 +195,7 @@ async fn main() -> Result<(), Error> {
     let app = &*Box::leak(Box::new(App::from_env()?));
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
         // The invocation's own deadline; no gateway in front here (a function URL, say).
-        let budget = Budget::compute(
+        let budget = Deadline::compute(
             event.context.deadline,
             None,
             SystemClock.now_ms(),

@@ -7,7 +7,7 @@ use std::fmt;
 
 use reqwest::Url;
 
-use crate::budget::{DeadlineSettings, METRICS_FLUSH_RESERVE_MS};
+use crate::deadline::{DeadlineSettings, METRICS_FLUSH_RESERVE_MS};
 use crate::upstreams::breaker::BreakerSettings;
 use crate::upstreams::{
     ModelFallbacks, UpstreamKind, UpstreamSpec, UpstreamsSource, parse_upstreams,

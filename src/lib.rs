@@ -1,12 +1,12 @@
 //! openai-lambda-proxy: an OpenAI-compatible endpoint for AWS Lambda behind API Gateway that
 //! rides out OpenAI's transient failures within the time the invocation really has left.
 //!
-//! One request flows one way: [`edge`] → [`budget`] → [`retry`] → [`upstream`] → [`edge`],
+//! One request flows one way: [`edge`] → [`deadline`] → [`retry`] → [`upstream`] → [`edge`],
 //! with [`telemetry`] on the side and [`config`], [`auth`], [`secrets`] set up at cold start.
 
 pub mod auth;
-pub mod budget;
 pub mod config;
+pub mod deadline;
 pub mod edge;
 pub mod retry;
 pub mod secrets;
@@ -20,22 +20,21 @@ pub use edge::{Invocation, Proxy};
 
 // The library face, for a handler of your own (`examples/draft_refine.rs` makes two OpenAI calls
 // under one invocation deadline with these):
-// - the time budget: [`Budget::compute`] turns the Lambda deadline (and a gateway's start time,
+// - the time budget: [`Deadline::compute`] turns the Lambda deadline (and a gateway's start time,
 //   if any) into the epoch ms by which every call and sleep must be over;
 // - the retry engine: [`RetryEngine::run`] retries an attempt closure with jittered backoff and
 //   `Retry-After`, never starting an attempt or a sleep that cannot end before that deadline,
 //   and says how the run ended ([`RunOutcome`]); clock, sleep and randomness are injected
 //   ([`SystemClock`], [`TokioSleeper`], [`FastRandJitter`] in production);
-// - the upstream client: [`UpstreamClient::send`] is one attempt, one HTTP exchange with an
+// - the upstream client: [`UpstreamClient::send`] is one [`Attempt`], one HTTP exchange with an
 //   OpenAI-compatible API ([`UpstreamSpec`]: base URL, OpenAI or Azure auth), classified into an
 //   [`AttemptOutcome`] the engine understands.
-pub use budget::{Budget, DeadlineSettings, GatewayKind};
 pub use config::KeySource;
-/// The retry engine (`retry::Engine`): its settings and [`RetryEngine::run`], the loop.
-pub use retry::Engine as RetryEngine;
+pub use deadline::{Deadline, DeadlineSettings, GatewayKind};
 pub use retry::{
     AttemptOutcome, AttemptPlan, Clock, FailureKind, FastRandJitter, GiveUpReason, Jitter,
-    RetryPolicy, RetryRun, RunOutcome, Sleeper, SystemClock, TokioSleeper, UpstreamReply, epoch_ms,
+    RetryEngine, RetryPolicy, RetryRun, RunOutcome, Sleeper, SystemClock, TokioSleeper,
+    UpstreamReply, epoch_ms,
 };
-pub use upstream::{ForwardRequest, UpstreamClient};
+pub use upstream::{Attempt, ForwardRequest, UpstreamClient};
 pub use upstreams::{UpstreamKind, UpstreamSpec};

@@ -1,16 +1,19 @@
-//! Wiring only: logs, settings, clients, metrics backend, then the Lambda runtime (joined with
-//! the metrics flush extension when `METRICS_BACKEND=cloudwatch`).
+//! The whole wiring, in order: logs, settings, AWS clients (only those the settings need; the
+//! CloudWatch client itself is built lazily, at its first flush, after the first response), the
+//! proxy, then the Lambda runtime — the handler (buffered or streaming) behind the panic guard
+//! layer — joined with the metrics flush extension when `METRICS_BACKEND=cloudwatch`.
 
 use std::sync::Arc;
 
-use lambda_runtime::{Error, LambdaEvent, Runtime, layers, service_fn};
+use lambda_runtime::tower::ServiceBuilder;
+use lambda_runtime::{Error, Runtime, layers};
+use openai_lambda_proxy::Proxy;
 use openai_lambda_proxy::config::{InvokeMode, Settings};
+use openai_lambda_proxy::edge::guard::PanicGuardLayer;
 use openai_lambda_proxy::secrets::Secrets;
 use openai_lambda_proxy::telemetry::backend::Metrics;
 use openai_lambda_proxy::telemetry::logs;
 use openai_lambda_proxy::transport;
-use openai_lambda_proxy::{Invocation, Proxy};
-use serde_json::Value;
 
 // One thread: the runtime serves one invocation at a time (no `run_concurrent`), and a
 // multi-thread runtime's cross-thread wake-ups cost ~30 % more CPU per warm invocation
@@ -35,38 +38,36 @@ async fn main() -> Result<(), Error> {
         Secrets::new(secrets_client),
         metrics.sink(),
     ));
-    if InvokeMode::from_env() == InvokeMode::ResponseStream {
-        let handler = service_fn(move |event: LambdaEvent<Value>| {
-            let proxy = proxy.clone();
-            async move {
-                let invocation = invocation(&event.context);
-                let answer = proxy
-                    .handle_streaming_event(event.payload, invocation)
-                    .await;
-                Ok::<_, Error>(answer)
+    // Registered before the runtime polls its first event, as Lambda requires.
+    let flush = metrics.flush_extension().await;
+    // A panic in the handler still answers §5 500 JSON, logs `request finished` and records
+    // metrics; the outermost layer tells the flush extension each response has been posted.
+    let guard = PanicGuardLayer::new(proxy.clone());
+    let after_response = metrics.after_response_layer();
+    let runtime = async move {
+        match InvokeMode::from_env() {
+            InvokeMode::ResponseStream => {
+                let handler = ServiceBuilder::new()
+                    .layer(guard)
+                    .service(proxy.streaming());
+                Runtime::new(handler)
+                    .layer(layers::TracingLayer::new())
+                    .layer(after_response)
+                    .run()
+                    .await
             }
-        });
-        let runtime = Runtime::new(handler)
-            .layer(layers::TracingLayer::new())
-            .layer(metrics.after_response_layer());
-        return metrics.run(runtime.run()).await;
-    }
-    let handler = service_fn(move |event: LambdaEvent<Value>| {
-        let proxy = proxy.clone();
-        async move {
-            let invocation = invocation(&event.context);
-            Ok::<Value, Error>(proxy.handle_event(event.payload, invocation).await)
+            InvokeMode::Buffered => {
+                let handler = ServiceBuilder::new().layer(guard).service(proxy.buffered());
+                Runtime::new(handler)
+                    .layer(layers::TracingLayer::new())
+                    .layer(after_response)
+                    .run()
+                    .await
+            }
         }
-    });
-    let runtime = Runtime::new(handler)
-        .layer(layers::TracingLayer::new())
-        .layer(metrics.after_response_layer());
-    metrics.run(runtime.run()).await
-}
-
-fn invocation(context: &lambda_runtime::Context) -> Invocation {
-    Invocation {
-        request_id: context.request_id.clone(),
-        deadline_ms: context.deadline,
+    };
+    match flush {
+        Some(extension) => tokio::try_join!(runtime, extension.run()).map(|_| ()),
+        None => runtime.await,
     }
 }

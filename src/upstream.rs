@@ -51,6 +51,18 @@ pub struct ForwardRequest {
     pub client_request_id: String,
 }
 
+/// One attempt of a request to one upstream: its key (`Authorization: Bearer` for OpenAI,
+/// `api-key` for Azure), the body with the model that upstream expects, and the time the
+/// attempt may take (the retry engine's `AttemptPlan::timeout_ms`).
+#[derive(Clone, Debug)]
+pub struct Attempt<'a> {
+    pub req: &'a ForwardRequest,
+    pub upstream: &'a UpstreamSpec,
+    pub api_key: &'a str,
+    pub body: Bytes,
+    pub timeout_ms: u64,
+}
+
 impl UpstreamClient {
     /// `max_body_bytes`: an answer body longer than this is not read (see [`UpstreamReply::oversized`]).
     pub fn new(
@@ -93,17 +105,12 @@ impl UpstreamClient {
         }
     }
 
-    /// The request for one attempt to `upstream` with its key (`Authorization: Bearer` for
-    /// OpenAI, `api-key` for Azure) and `body` (the request's, with the model the upstream
-    /// expects), without a timeout (the caller bounds it).
-    fn request(
-        &self,
-        req: &ForwardRequest,
-        upstream: &UpstreamSpec,
-        api_key: &str,
-        body: Bytes,
-    ) -> reqwest::RequestBuilder {
-        let (auth_name, auth_value) = upstream.kind.auth_header(api_key);
+    /// The request of one attempt, without a timeout, and the instant by which the attempt
+    /// must be over (each caller bounds its own part of the exchange by it).
+    fn request(&self, a: Attempt<'_>) -> (reqwest::RequestBuilder, Instant) {
+        let until = Instant::now() + Duration::from_millis(a.timeout_ms);
+        let (req, upstream) = (a.req, a.upstream);
+        let (auth_name, auth_value) = upstream.kind.auth_header(a.api_key);
         let mut builder = self
             .http
             .request(
@@ -118,7 +125,7 @@ impl UpstreamClient {
                     "content-type",
                     req.content_type.as_deref().unwrap_or("application/json"),
                 )
-                .body(body);
+                .body(a.body);
         }
         for (name, value) in [
             ("openai-organization", &upstream.organization),
@@ -129,23 +136,17 @@ impl UpstreamClient {
                 builder = builder.header(name, v);
             }
         }
-        builder
+        (builder, until)
     }
 
-    /// Sends one attempt (see [`UpstreamClient::request`]). Never takes longer than `timeout_ms`
+    /// Sends one attempt and reads the whole answer. Never takes longer than its `timeout_ms`
     /// (connect, headers and body).
-    pub async fn send(
-        &self,
-        req: &ForwardRequest,
-        upstream: &UpstreamSpec,
-        api_key: &str,
-        body: Bytes,
-        timeout_ms: u64,
-    ) -> AttemptOutcome {
-        let timeout = Duration::from_millis(timeout_ms);
-        let builder = self.request(req, upstream, api_key, body).timeout(timeout);
+    pub async fn send(&self, attempt: Attempt<'_>) -> AttemptOutcome {
+        let timeout_ms = attempt.timeout_ms;
+        let (builder, until) = self.request(attempt);
+        let builder = builder.timeout(Duration::from_millis(timeout_ms));
         // The outer timeout bounds the whole exchange, including reading the body.
-        match tokio::time::timeout(timeout, exchange(builder, self.max_body_bytes)).await {
+        match tokio::time::timeout_at(until, exchange(builder, self.max_body_bytes)).await {
             Ok(outcome) => outcome,
             Err(_) => timed_out(timeout_ms),
         }
@@ -156,17 +157,10 @@ impl UpstreamClient {
     /// outcome is then a 2xx reply with an empty body, and the stream comes back to be forwarded.
     /// Anything else (an error status, a stream that breaks or stalls before its first event)
     /// is an ordinary attempt outcome, read as [`UpstreamClient::send`] reads it.
-    pub async fn send_stream(
-        &self,
-        req: &ForwardRequest,
-        upstream: &UpstreamSpec,
-        api_key: &str,
-        body: Bytes,
-        timeout_ms: u64,
-    ) -> (AttemptOutcome, Option<LiveStream>) {
+    pub async fn send_stream(&self, attempt: Attempt<'_>) -> (AttemptOutcome, Option<LiveStream>) {
+        let timeout_ms = attempt.timeout_ms;
         // No reqwest timeout: it would also cut the body after the commit.
-        let builder = self.request(req, upstream, api_key, body);
-        let until = Instant::now() + Duration::from_millis(timeout_ms);
+        let (builder, until) = self.request(attempt);
         let response = match tokio::time::timeout_at(until, builder.send()).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => return (failed(e, false), None),

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use openai_lambda_proxy::secrets::Secrets;
 use openai_lambda_proxy::telemetry::metrics::{InvocationMetrics, MetricsSink};
 use openai_lambda_proxy::{Invocation, Proxy};
-use openai_simulator::parse_script;
+use openai_simulator::{Simulator, parse_script};
 use serde_json::Value;
 use support::events::{
     assert_error, bearer, chat_body, chat_event, chat_event_with_body, now_ms, request_id,
@@ -133,26 +133,70 @@ async fn a_panic_still_ends_in_one_request_finished_line_and_one_metrics_record(
     let _serial = SERIAL.lock().await;
     let logs = logs::check(&[KEY, TOKEN]);
     let capture = logs.capture();
-    let sim = simulator().await;
     let metrics = Arc::new(Recorded::default());
-    let p = proxy(&sim.base_url(), metrics.clone());
-    // A panic in the middle of the proxy's own path: while it logs the upstream attempt.
-    logs::panic_once_on("upstream attempt");
+    let (_sim, p) = proxy_that_panics_once(metrics.clone()).await;
     let (resp, id) = invoke(&p, chat_event(Some(&bearer(TOKEN)))).await;
     assert_error(&resp, 500, "internal_error");
-    let finished = capture.lines_with(&id, "request finished");
-    assert_eq!(finished.len(), 1, "{finished:?}");
-    assert_eq!(finished[0]["status"], 500);
-    assert_eq!(finished[0]["code"], "internal_error");
-    assert_eq!(finished[0]["route"], "/chat/completions");
-    assert_eq!(finished[0]["level"], "ERROR");
-    let recorded = metrics.for_id(&id);
-    assert_eq!(recorded.len(), 1, "{recorded:?}");
-    assert_eq!(recorded[0].requests, 1);
+    assert_one_line_and_one_record(capture, &metrics, &id);
 
     // The same proxy keeps answering afterwards.
     let (resp, id) = invoke(&p, chat_event(Some(&bearer(TOKEN)))).await;
     assert_eq!(status(&resp), 200);
     assert_eq!(capture.lines_with(&id, "request finished").len(), 1);
     assert_eq!(metrics.for_id(&id).len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_a_streaming_invocation_still_answers_500_with_one_line_and_one_record() {
+    use futures_util::StreamExt;
+
+    let _serial = SERIAL.lock().await;
+    let logs = logs::check(&[KEY, TOKEN]);
+    let capture = logs.capture();
+    let metrics = Arc::new(Recorded::default());
+    let (_sim, p) = proxy_that_panics_once(metrics.clone()).await;
+    let id = request_id("logs-stream");
+    let inv = Invocation {
+        request_id: id.clone(),
+        deadline_ms: now_ms() + 20_000,
+    };
+    let resp = p
+        .handle_streaming_event(chat_event(Some(&bearer(TOKEN))), inv)
+        .await;
+    // The usual §5 answer in the streaming format: prelude, then the JSON body.
+    let prelude = serde_json::to_value(&resp.metadata_prelude).unwrap();
+    assert_eq!(prelude["statusCode"], 500, "{prelude}");
+    assert_eq!(prelude["headers"]["content-type"], "application/json");
+    assert_eq!(prelude["headers"]["x-lambda-request-id"], id.as_str());
+    let mut body = Vec::new();
+    let mut stream = resp.stream;
+    while let Some(chunk) = stream.next().await {
+        body.extend_from_slice(&chunk.expect("no body error"));
+    }
+    let error: Value = serde_json::from_slice(&body).expect("a JSON body");
+    assert_eq!(error["error"]["code"], "internal_error", "{error}");
+    assert_one_line_and_one_record(capture, &metrics, &id);
+}
+
+/// A proxy whose next `upstream attempt` log line panics: a real panic in the middle of the
+/// proxy's own path, with no test hook in the proxy.
+async fn proxy_that_panics_once(metrics: Arc<Recorded>) -> (Simulator, Arc<Proxy>) {
+    let sim = simulator().await;
+    let p = proxy(&sim.base_url(), metrics);
+    logs::panic_once_on("upstream attempt");
+    (sim, p)
+}
+
+/// The panicked invocation `id` ended in exactly one `request finished` line (500
+/// `internal_error`, at ERROR) and one metrics record.
+fn assert_one_line_and_one_record(capture: &logs::Capture, metrics: &Recorded, id: &str) {
+    let finished = capture.lines_with(id, "request finished");
+    assert_eq!(finished.len(), 1, "{finished:?}");
+    assert_eq!(finished[0]["status"], 500);
+    assert_eq!(finished[0]["code"], "internal_error");
+    assert_eq!(finished[0]["route"], "/chat/completions");
+    assert_eq!(finished[0]["level"], "ERROR");
+    let recorded = metrics.for_id(id);
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    assert_eq!(recorded[0].requests, 1);
 }

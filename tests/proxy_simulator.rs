@@ -772,3 +772,98 @@ async fn a_failure_summary_carries_the_code_and_outcome() {
         )
     );
 }
+
+/// Virtual time for a whole request: the proxy's clock moves only when it sleeps, and its
+/// sleeps end at once (each one recorded).
+#[derive(Clone)]
+struct VirtualTime {
+    clock: Arc<support::events::VirtualClock>,
+    slept: Arc<std::sync::Mutex<Vec<u64>>>,
+}
+
+impl openai_lambda_proxy::retry::Clock for VirtualTime {
+    fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+}
+
+impl openai_lambda_proxy::retry::Sleeper for VirtualTime {
+    fn sleep(&self, ms: u64) -> impl std::future::Future<Output = ()> + Send {
+        self.clock.advance(ms);
+        self.slept.lock().unwrap().push(ms);
+        std::future::ready(())
+    }
+}
+
+/// The top of every jitter range (never used on a `Retry-After` wait, which is not jittered).
+struct TopJitter;
+
+impl openai_lambda_proxy::retry::Jitter for TopJitter {
+    fn between(&mut self, _lo: u64, hi: u64) -> u64 {
+        hi
+    }
+}
+
+/// A whole request through `Proxy` on an injected clock: a 429 asking to wait 20 s, then a 200
+/// (and, with one attempt fewer, a 500 after the wait). The proxy waits exactly the 20 s the
+/// upstream asked for, in virtual time, within the invocation's virtual deadline, and answers
+/// at once in real time; the elapsed time it reports is the virtual one.
+#[tokio::test]
+async fn a_whole_request_runs_in_virtual_time() {
+    use openai_lambda_proxy::Invocation;
+    use openai_lambda_proxy::edge::time::Time;
+    use openai_lambda_proxy::retry::Clock;
+    use support::events::{VirtualClock, function_url, header, status};
+
+    let sim = simulator().await;
+    for (script, max_attempts, expected) in
+        [("429:ra=20,ok", "5", 200), ("429:ra=20,500", "2", 502)]
+    {
+        sim.set_script(parse_script(script).unwrap());
+        let time = VirtualTime {
+            clock: VirtualClock::new(),
+            slept: Arc::default(),
+        };
+        let pairs = [
+            ("OPENAI_API_KEY", SERVER_KEY),
+            ("PROXY_API_KEYS", CLIENT_TOKEN),
+            ("RETRY_MAX_ATTEMPTS", max_attempts),
+            ("METRICS_BACKEND", "none"),
+        ];
+        let proxy = proxy_for(&sim, &pairs, None);
+        let proxy = Arc::into_inner(proxy).expect("one owner");
+        let proxy = Arc::new(proxy.with_time(Time::new(time.clone(), time.clone(), TopJitter)));
+        let started = time.now_ms();
+        let invocation = Invocation {
+            request_id: request_id("virtual"),
+            deadline_ms: started + 60_000,
+        };
+        let auth = bearer(CLIENT_TOKEN);
+        let headers = [
+            ("authorization", auth.as_str()),
+            ("content-type", "application/json"),
+        ];
+        let body = chat_body(json!({})).to_string();
+        // A function URL: no gateway timeout, so the budget is the Lambda deadline's 60 s.
+        let event = function_url("POST", "/v1/chat/completions", &headers, Some(&body));
+        let real = Instant::now();
+        let resp = proxy.handle_event(event, invocation).await;
+        assert!(
+            real.elapsed().as_millis() < 10_000,
+            "{script}: slept for real ({:?})",
+            real.elapsed()
+        );
+        assert_eq!(status(&resp), expected, "{script}: {resp}");
+        assert_eq!(*time.slept.lock().unwrap(), [20_000], "{script}");
+        assert_eq!(header(&resp, "x-upstream-attempts"), Some("2"), "{script}");
+        assert!(time.now_ms() - started >= 20_000, "{script}");
+        if expected == 502 {
+            let error: Value = serde_json::from_slice(&support::events::body(&resp)).unwrap();
+            let elapsed = error["error"]["upstream"]["elapsed_ms"].as_u64().unwrap();
+            assert!(
+                (20_000..30_000).contains(&elapsed),
+                "{script}: elapsed {elapsed}"
+            );
+        }
+    }
+}

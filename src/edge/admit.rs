@@ -12,8 +12,8 @@ use super::request::{BodyError, EventBody, GatewayEvent};
 use super::response::ErrorCode;
 use super::routes::{self, Route};
 use crate::auth;
-use crate::budget::GatewayKind;
 use crate::config::{self, DEFAULT_UPSTREAM, KeySource, Settings};
+use crate::deadline::GatewayKind;
 use crate::retry::{RetryRun, RunOutcome};
 use crate::upstream::{ForwardRequest, UnsendablePart, UpstreamClient};
 use crate::upstreams::{UpstreamSpec, UpstreamsSource};
@@ -332,4 +332,137 @@ fn json_error(e: &serde_json::Error) -> String {
         serde_json::error::Category::Io => "read error",
     };
     format!("{what} at line {} column {}", e.line(), e.column())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> GatewayEvent {
+        GatewayEvent {
+            kind: GatewayKind::HttpApiV2,
+            method: method.into(),
+            path: path.into(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            multi_value_headers: false,
+            body: Some(body.into()),
+            is_base64: false,
+            start_ms: None,
+        }
+    }
+
+    fn settings(pairs: &[(&str, &str)]) -> Settings {
+        Settings::from_lookup(|k| {
+            pairs
+                .iter()
+                .find(|(name, _)| *name == k)
+                .map(|(_, v)| v.to_string())
+        })
+        .unwrap()
+    }
+
+    /// Admission of `ev` on its route against the token `tok`, with `MAX_BODY_BYTES=64` and
+    /// `ALLOWED_MODELS=gpt-4o*`.
+    fn admit_event(ev: &GatewayEvent) -> Result<Admitted, Rejection> {
+        let s = settings(&[
+            ("OPENAI_API_KEY", "sk-test"),
+            ("PROXY_API_KEYS", "tok"),
+            ("MAX_BODY_BYTES", "64"),
+            ("ALLOWED_MODELS", "gpt-4o*"),
+        ]);
+        let route = route(ev).unwrap();
+        let body = EventBody {
+            raw: ev.body.clone(),
+            is_base64: false,
+        };
+        admit(ev, body, route, &s, Some(&["tok".to_owned()]))
+    }
+
+    #[test]
+    fn routing_refuses_websocket_events_unknown_paths_and_wrong_methods() {
+        let ws = GatewayEvent {
+            kind: GatewayKind::WebSocket,
+            ..event("MESSAGE", "$default", &[], "")
+        };
+        let r = route(&ws).unwrap_err();
+        assert_eq!((r.code, r.route), (ErrorCode::NotFound, "unknown"));
+        let r = route(&event("POST", "/v1/images/generations", &[], "")).unwrap_err();
+        assert_eq!((r.code, r.route), (ErrorCode::NotFound, "unknown"));
+        let r = route(&event("GET", "/v1/chat/completions", &[], "")).unwrap_err();
+        assert_eq!(r.code, ErrorCode::MethodNotAllowed);
+        assert_eq!((r.allow, r.route), (Some("POST"), "/chat/completions"));
+        assert!(r.message.contains("use POST"), "{}", r.message);
+        // Methods compare exactly, as the gateways send them (upper case).
+        let r = route(&event("post", "/v1/chat/completions", &[], "")).unwrap_err();
+        assert_eq!(r.code, ErrorCode::MethodNotAllowed);
+        assert_eq!(
+            route(&event("GET", "/prod/v1/models", &[], ""))
+                .unwrap()
+                .path,
+            "/models"
+        );
+    }
+
+    #[test]
+    fn admission_checks_the_token_then_the_size_then_the_json_and_the_model() {
+        let chat = |headers: &[(&str, &str)], body: &str| {
+            admit_event(&event("POST", "/v1/chat/completions", headers, body))
+        };
+        let auth = [("authorization", "Bearer tok")];
+        let too_big = format!(r#"{{"model":"gpt-4o","x":"{}"}}"#, "a".repeat(100));
+        // No token: 401 even for a body that is too large and not JSON.
+        let code = |r: Result<Admitted, Rejection>| r.unwrap_err().code;
+        assert_eq!(code(chat(&[], &too_big)), ErrorCode::Unauthorized);
+        let wrong = [("authorization", "Bearer nope")];
+        assert_eq!(code(chat(&wrong, "{")), ErrorCode::Unauthorized);
+        assert_eq!(code(chat(&auth, &too_big)), ErrorCode::PayloadTooLarge);
+        assert_eq!(code(chat(&auth, "{")), ErrorCode::InvalidJson);
+        assert_eq!(code(chat(&auth, "[]")), ErrorCode::InvalidRequest);
+        assert_eq!(code(chat(&auth, "{}")), ErrorCode::InvalidRequest);
+        assert_eq!(
+            code(chat(&auth, r#"{"model":1}"#)),
+            ErrorCode::InvalidRequest
+        );
+        let refused = chat(&auth, r#"{"model":"o1"}"#).unwrap_err();
+        assert_eq!(refused.code, ErrorCode::ModelNotAllowed);
+        assert_eq!(
+            (refused.route, refused.model.as_deref()),
+            ("/chat/completions", Some("o1"))
+        );
+        let bad_header = [
+            ("authorization", "Bearer tok"),
+            ("idempotency-key", "a\u{1}b"),
+        ];
+        let r = chat(&bad_header, r#"{"model":"gpt-4o"}"#).unwrap_err();
+        assert_eq!(
+            (r.code, r.model.as_deref()),
+            (ErrorCode::InvalidRequest, Some("gpt-4o"))
+        );
+
+        let ok = chat(&auth, r#"{"model":"gpt-4o-mini","stream":true}"#).unwrap();
+        assert_eq!(
+            (ok.route.path, ok.model.as_deref()),
+            ("/chat/completions", Some("gpt-4o-mini"))
+        );
+        assert!(ok.stream);
+        assert_eq!(ok.body, r#"{"model":"gpt-4o-mini","stream":true}"#);
+        // No model needed on moderations; a GET forwards no body.
+        let moderation = event("POST", "/v1/moderations", &auth, r#"{"input":"x"}"#);
+        assert_eq!(admit_event(&moderation).unwrap().model, None);
+        let models = admit_event(&event("GET", "/v1/models", &auth, "ignored")).unwrap();
+        assert!(models.body.is_empty() && !models.stream);
+    }
+
+    #[test]
+    fn config_errors_name_the_setting_never_a_value() {
+        let r = Rejection::config("OPENAI_BASE_URL", "is not a URL").on("/models", None);
+        assert_eq!((r.code, r.route), (ErrorCode::ConfigError, "/models"));
+        assert_eq!(
+            r.message,
+            "The proxy is misconfigured: OPENAI_BASE_URL is not a URL. The operator must fix the function's configuration."
+        );
+    }
 }

@@ -115,28 +115,38 @@ pub(super) fn rejected(r: Rejection, id: &str) -> Answer {
 
 /// An event that is no HTTP request of a front door this function knows.
 pub(super) fn not_an_http_request(id: &str) -> Answer {
-    let code = ErrorCode::InvalidRequest;
-    let resp = ProxyResponse::error(
-        code,
-        "The event is not an HTTP request from API Gateway (REST or HTTP API), a Lambda function URL or an Application Load Balancer.",
-        None,
+    let message = "The event is not an HTTP request from API Gateway (REST or HTTP API), a Lambda function URL or an Application Load Balancer.";
+    own_error(
+        ErrorCode::InvalidRequest,
+        message,
+        "unknown",
+        Outcome::Rejected,
         id,
-    );
-    let summary = Summary::without_run("unknown", Some(code), Outcome::Rejected);
-    Answer::new(resp, summary, id)
+    )
 }
 
 /// The handler failed (a panic): 500 `internal_error`, on `route` if one matched.
 pub(super) fn internal_error(route: &'static str, id: &str) -> Answer {
-    let code = ErrorCode::InternalError;
-    let resp = ProxyResponse::error(
-        code,
-        "The proxy failed while handling this request. This is a bug in the proxy, not in your request.",
-        None,
+    let message = "The proxy failed while handling this request. This is a bug in the proxy, not in your request.";
+    own_error(
+        ErrorCode::InternalError,
+        message,
+        route,
+        Outcome::InternalError,
         id,
-    );
-    let summary = Summary::without_run(route, Some(code), Outcome::InternalError);
-    Answer::new(resp, summary, id)
+    )
+}
+
+/// An error of the function's own, without an upstream run.
+fn own_error(
+    code: ErrorCode,
+    message: &str,
+    route: &'static str,
+    outcome: Outcome,
+    id: &str,
+) -> Answer {
+    let resp = ProxyResponse::error(code, message, None, id);
+    Answer::new(resp, Summary::without_run(route, Some(code), outcome), id)
 }
 
 /// One way a run ended: the response so far, its code and outcome, and the upstream answer
@@ -579,4 +589,201 @@ fn finish_headers(mut resp: ProxyResponse, id: &str) -> ProxyResponse {
         resp.set_header("x-should-retry", "false");
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::retry::Decision;
+    use crate::upstream::ForwardRequest;
+    use crate::upstreams::fallback::Target;
+    use crate::upstreams::{UpstreamKind, UpstreamSpec};
+    use bytes::Bytes;
+
+    fn spec(name: &str) -> UpstreamSpec {
+        UpstreamSpec {
+            name: name.into(),
+            base_url: "https://api.openai.com/v1".into(),
+            kind: UpstreamKind::OpenAi,
+            key: crate::config::KeySource::Env("sk-test".into()),
+            organization: None,
+            project: None,
+            models: Default::default(),
+        }
+    }
+
+    fn record(attempt: u32, status: u16, request_id: &str) -> AttemptRecord {
+        AttemptRecord {
+            attempt,
+            target: Target {
+                upstream: 0,
+                model: 0,
+            },
+            status: Some(status),
+            error_kind: None,
+            latency_ms: 5,
+            upstream_request_id: Some(request_id.into()),
+            decision: Decision::Retry,
+            reason: String::new(),
+            next_delay_ms: None,
+            remaining_ms: 10_000,
+            expected_ms: None,
+        }
+    }
+
+    fn reply(status: u16, headers: &[(&str, &str)], body: &'static str) -> UpstreamReply {
+        UpstreamReply {
+            status,
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body: Bytes::from_static(body.as_bytes()),
+            oversized: false,
+        }
+    }
+
+    /// `ran` for a chat completion routed to one upstream named `primary`.
+    fn answer_run(run: RetryRun) -> Answer {
+        let forward = ForwardRequest {
+            method: http::Method::POST,
+            path: "/chat/completions",
+            body: Bytes::new(),
+            content_type: None,
+            idempotency_key: None,
+            client_request_id: "req-1".into(),
+        };
+        let list = [spec("primary")];
+        let routed = Routed {
+            route: crate::edge::routes::find("/v1/chat/completions").unwrap(),
+            forward: &forward,
+            list: &list,
+            models: Some(vec!["gpt-4o".into()]),
+            stream: false,
+            live: None,
+        };
+        ran(run, &routed, Some("gpt-4o".into()), "req-1", 25_000)
+    }
+
+    fn run(outcome: RunOutcome, attempts: Vec<AttemptRecord>) -> RetryRun {
+        RetryRun {
+            outcome,
+            attempts,
+            elapsed_ms: 1_200,
+            switches: 0,
+            circuit_open: false,
+            skipped: 0,
+        }
+    }
+
+    #[test]
+    fn a_final_upstream_answer_passes_through_with_its_headers() {
+        let ok = reply(
+            200,
+            &[
+                ("content-type", "application/json"),
+                ("x-ratelimit-remaining-requests", "99"),
+                ("x-request-id", "req_b"),
+            ],
+            r#"{"id":"chatcmpl-1"}"#,
+        );
+        let a = answer_run(run(
+            RunOutcome::Answer(ok),
+            vec![record(1, 500, "req_a"), record(2, 200, "req_b")],
+        ));
+        assert_eq!(
+            (a.resp.status, &a.resp.body[..]),
+            (200, &br#"{"id":"chatcmpl-1"}"#[..])
+        );
+        for (name, value) in [
+            ("content-type", "application/json"),
+            ("x-ratelimit-remaining-requests", "99"),
+            ("x-upstream-attempts", "2"),
+            ("x-request-id", "req_b"),
+            ("x-proxy-upstream", "primary"),
+            ("x-lambda-request-id", "req-1"),
+        ] {
+            assert_eq!(a.resp.header(name), Some(value), "{name}");
+        }
+        assert_eq!(a.resp.header("x-should-retry"), None);
+        assert_eq!(
+            (a.summary.outcome, a.summary.code),
+            (Outcome::Success, None)
+        );
+        assert_eq!(a.summary.attempts.len(), 2);
+        assert_eq!(a.summary.model.as_deref(), Some("gpt-4o"));
+    }
+
+    #[test]
+    fn a_run_given_up_on_429s_is_a_429_passing_retry_after_on() {
+        let limited = reply(429, &[("retry-after", "40")], "{}");
+        let gave_up = RunOutcome::GaveUp {
+            reason: GiveUpReason::RetryAfterPastDeadline,
+            last: AttemptOutcome::Reply(limited),
+            retry_after_ms: Some(40_000),
+        };
+        let a = answer_run(run(
+            gave_up,
+            vec![record(1, 429, "req_a"), record(2, 429, "req_b")],
+        ));
+        assert_eq!(a.resp.status, 429);
+        assert_eq!(a.resp.header("retry-after"), Some("40"));
+        assert_eq!(a.resp.header("x-should-retry"), Some("false"));
+        assert_eq!(a.resp.header("x-upstream-attempts"), Some("2"));
+        let body: serde_json::Value = serde_json::from_slice(&a.resp.body).unwrap();
+        assert_eq!(body["error"]["code"], "upstream_rate_limited");
+        assert_eq!(
+            body["error"]["upstream"]["request_ids"],
+            serde_json::json!(["req_a", "req_b"])
+        );
+        assert_eq!(
+            body["error"]["upstream"]["last_error"],
+            "429 Too Many Requests"
+        );
+        assert_eq!(a.summary.outcome, Outcome::UpstreamFailure);
+        assert_eq!(a.summary.code, Some(ErrorCode::UpstreamRateLimited));
+    }
+
+    #[test]
+    fn every_breaker_open_is_a_503_with_whole_seconds_to_wait() {
+        let a = answer_run(run(
+            RunOutcome::CircuitOpen {
+                retry_after_ms: 2_500,
+            },
+            Vec::new(),
+        ));
+        assert_eq!(a.resp.status, 503);
+        assert_eq!(a.resp.header("retry-after"), Some("3"));
+        assert_eq!(a.resp.header("x-upstream-attempts"), None);
+        assert!(a.summary.circuit_open);
+        assert_eq!(a.summary.code, Some(ErrorCode::UpstreamCircuitOpen));
+    }
+
+    #[test]
+    fn refusals_carry_their_code_outcome_and_headers() {
+        let a = rejected(
+            Rejection {
+                code: ErrorCode::MethodNotAllowed,
+                message: "use POST".into(),
+                allow: Some("POST"),
+                route: "/chat/completions",
+                model: None,
+            },
+            "req-2",
+        );
+        assert_eq!(a.resp.status, 405);
+        assert_eq!(a.resp.header("allow"), Some("POST"));
+        assert_eq!(a.resp.header("x-should-retry"), Some("false"));
+        assert_eq!(a.resp.header("x-lambda-request-id"), Some("req-2"));
+        assert_eq!(a.summary.outcome, Outcome::Rejected);
+        let config = rejected(Rejection::config("OPENAI_API_KEY", "is not set"), "req-3");
+        assert_eq!(config.resp.status, 500);
+        assert_eq!(config.summary.outcome, Outcome::ConfigError);
+        let health = health("/health", "req-4");
+        assert_eq!(
+            (health.resp.status, health.summary.outcome),
+            (200, Outcome::Health)
+        );
+        assert_eq!(health.resp.header("x-should-retry"), None);
+    }
 }

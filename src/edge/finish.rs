@@ -9,7 +9,7 @@ use super::Proxy;
 use super::answer::{Outcome, Summary};
 use super::response::{ErrorCode, ProxyResponse};
 use super::upstreams::Routed;
-use crate::budget::Budget;
+use crate::deadline::Deadline;
 use crate::retry::{AttemptRecord, Clock, Decision, FailureKind};
 use crate::stream::StreamOutcome;
 use crate::telemetry::metrics::InvocationMetrics;
@@ -50,14 +50,14 @@ impl Proxy {
         id: &str,
         summary: &Summary,
         resp: &ProxyResponse,
-        budget: &Budget,
+        deadline: &Deadline,
         ending: &Ending,
         stream: Option<&StreamLog>,
     ) {
         let cold_start = ending.cold_start;
         if !ending.logged.swap(true, Ordering::SeqCst) {
             let elapsed_ms = self.time.now_ms().saturating_sub(ending.started);
-            log_finished(summary, resp, elapsed_ms, budget, cold_start, stream);
+            log_finished(summary, resp, elapsed_ms, deadline, cold_start, stream);
         }
         if summary.outcome != Outcome::Health && !ending.recorded.swap(true, Ordering::SeqCst) {
             let failed = summary.code.is_some_and(ErrorCode::is_upstream_failure);
@@ -109,7 +109,7 @@ fn log_finished(
     s: &Summary,
     resp: &ProxyResponse,
     elapsed_ms: u64,
-    budget: &Budget,
+    deadline: &Deadline,
     cold_start: bool,
     stream: Option<&StreamLog>,
 ) {
@@ -131,7 +131,7 @@ fn log_finished(
                 outcome = s.outcome.as_str(),
                 attempts = s.attempts.len(),
                 elapsed_ms,
-                budget_ms = budget.budget_ms,
+                budget_ms = deadline.budget_ms,
                 json.upstream_request_ids = %json!(ids),
                 json.upstream = %json!(resp.header("x-proxy-upstream")),
                 fallbacks = s.switches,

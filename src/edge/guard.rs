@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
-use lambda_runtime::tower::{Layer, Service, ServiceExt};
-use lambda_runtime::{Error, LambdaEvent};
+use lambda_runtime::LambdaEvent;
+use lambda_runtime::tower::{Layer, Service, ServiceExt, service_fn};
 use serde_json::Value;
 use tracing::Instrument;
 
@@ -98,10 +98,10 @@ where
     S::Future: Send + 'static,
 {
     type Response = S::Response;
-    type Error = Error;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, Error>> + Send>>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, Infallible>> + Send>>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Error>> {
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         // Each call drives its own clone of the inner service to readiness (`oneshot`).
         Poll::Ready(Ok(()))
     }
@@ -117,6 +117,44 @@ where
 }
 
 impl Proxy {
+    /// A handler service over `handle` (see [`Proxy::buffered`], [`Proxy::streaming`]).
+    pub(super) fn handler<F, Fut>(
+        self: &Arc<Self>,
+        handle: F,
+    ) -> impl Service<Started, Response = Fut::Output, Error = Infallible, Future: Send + 'static>
+    + Clone
+    + Send
+    + 'static
+    where
+        F: Fn(Arc<Proxy>, Started) -> Fut + Clone + Send + 'static,
+        Fut: Future + Send + 'static,
+    {
+        let proxy = self.clone();
+        service_fn(move |started: Started| {
+            let answer = handle(proxy.clone(), started);
+            async move { Ok(answer.await) }
+        })
+    }
+
+    /// Answers one event with `handler` behind the panic guard, as the runtime does.
+    pub(super) async fn guarded_call<S>(
+        self: &Arc<Self>,
+        handler: S,
+        event: Value,
+        invocation: Invocation,
+    ) -> S::Response
+    where
+        S: Service<Started, Error = Infallible> + Clone + Send + 'static,
+        S::Response: Payload + Send + 'static,
+        S::Future: Send + 'static,
+    {
+        let guarded = PanicGuardLayer::new(self.clone()).layer(handler);
+        let Ok(payload) = guarded
+            .oneshot(LambdaEvent::new(event, invocation.context()))
+            .await;
+        payload
+    }
+
     /// Runs `inner` on its own task; a panic there becomes the §5 500 answer.
     async fn guarded<S>(
         self: Arc<Self>,
@@ -173,8 +211,15 @@ impl Proxy {
         let route = before.path.as_deref().and_then(routes::find);
         let done = answer::internal_error(route.map_or("unknown", |r| r.path), id);
         let gateway = before.front.map(|f| (f.kind, before.start_ms));
-        let budget = self.budget(&before.invocation, gateway, before.ending.started);
-        self.finish(id, &done.summary, &done.resp, &budget, &before.ending, None);
+        let deadline = self.deadline(&before.invocation, gateway, before.ending.started);
+        self.finish(
+            id,
+            &done.summary,
+            &done.resp,
+            &deadline,
+            &before.ending,
+            None,
+        );
         (before.front, done.resp)
     }
 }

@@ -2,12 +2,12 @@
 //! answer in the §5 shape; the handler never returns an error to the runtime (API Gateway would
 //! turn it into a bare 502) and never panics.
 //!
-//! One event flows one way: [`guard`] (the panic guard layer: the invocation starts, the event
-//! is parsed once by [`request`]) → `serve` below, the only I/O, calling in order the pure
-//! [`admit`] step (route, auth, body, model → `Admitted` | `Rejection`), the upstream run
-//! (`upstreams`, over the retry engine) and the pure [`answer`] step (how it ended → response and
-//! summary) → [`finish`] (the `request finished` line, the metrics record) → [`render`] or
-//! [`streaming`] (the payload each front door expects).
+//! One event flows one way: `guard.rs` (the panic guard layer: the invocation starts, the event
+//! is parsed once by `request.rs`) → `serve` below, the only I/O, calling in order the pure
+//! `admit.rs` step (route, auth, body, model → `Admitted` | `Rejection`), the upstream run
+//! (`upstreams.rs`, over the retry engine) and the pure `answer.rs` step (how it ended →
+//! response and summary) → `finish.rs` (the `request finished` line, the metrics record) →
+//! `render.rs` or `streaming.rs` (the payload each front door expects).
 
 mod admit;
 mod answer;
@@ -26,12 +26,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lambda_runtime::tower::{Layer, Service, ServiceExt, service_fn};
-use lambda_runtime::{Context, LambdaEvent};
+use lambda_runtime::Context;
+use lambda_runtime::tower::Service;
 use serde_json::Value;
 
-use crate::budget::{Budget, DeadlineSettings, GatewayKind};
 use crate::config::{ConfigError, Settings};
+use crate::deadline::{Deadline, DeadlineSettings, GatewayKind};
 use crate::retry::{Clock, RunOutcome};
 use crate::secrets::Secrets;
 use crate::telemetry::metrics::MetricsSink;
@@ -42,7 +42,7 @@ use crate::upstreams::latency::LatencyBook;
 use admit::{Admitted, Rejection};
 use answer::{Answer, Summary};
 use finish::Ending;
-use guard::{PanicGuardLayer, Started};
+use guard::Started;
 use render::render;
 use request::{EventBody, Front, GatewayEvent};
 use response::{LAMBDA_RESPONSE_LIMIT, ProxyResponse};
@@ -89,13 +89,13 @@ struct Ready {
     latency: LatencyBook,
 }
 
-/// An event answered, before rendering: the response, its summary, the budget it ran in, and
+/// An event answered, before rendering: the response, its summary, the deadline it ran to, and
 /// the committed upstream stream still to be forwarded (`RESPONSE_STREAM` only).
 struct Answered {
     front: Option<Front>,
     resp: ProxyResponse,
     summary: Summary,
-    budget: Budget,
+    deadline: Deadline,
     request_id: String,
     live: Option<upstreams::Committed>,
 }
@@ -103,7 +103,7 @@ struct Answered {
 /// One request on its way: what every step of `serve` needs.
 struct Call<'a> {
     id: &'a str,
-    budget: &'a Budget,
+    deadline: &'a Deadline,
     /// The time left when the request arrived, for reading secrets.
     within: Duration,
     /// A `"stream": true` request may be committed to a real stream (`RESPONSE_STREAM`).
@@ -164,32 +164,24 @@ impl Proxy {
         }
     }
 
-    /// The buffered handler service (the runtime calls it through [`PanicGuardLayer`]).
+    /// The buffered handler service (the runtime calls it through
+    /// [`PanicGuardLayer`](guard::PanicGuardLayer)).
     pub fn buffered(
         self: &Arc<Self>,
     ) -> impl Service<Started, Response = Value, Error = Infallible, Future: Send + 'static>
     + Clone
     + Send
     + 'static {
-        let proxy = self.clone();
-        service_fn(move |started: Started| {
-            let proxy = proxy.clone();
-            async move { Ok(proxy.handle(started).await) }
-        })
+        self.handler(Proxy::handle)
     }
 
     /// Answers one event in the buffered format, through the panic guard as the runtime does.
     pub async fn handle_event(self: &Arc<Self>, event: Value, invocation: Invocation) -> Value {
-        let guarded = PanicGuardLayer::new(self.clone()).layer(self.buffered());
-        let event = LambdaEvent::new(event, invocation.context());
-        match guarded.oneshot(event).await {
-            Ok(payload) => payload,
-            Err(e) => unreachable!("the panic guard answers every event: {e}"),
-        }
+        self.guarded_call(self.buffered(), event, invocation).await
     }
 
     /// Answers one event (behind the panic guard).
-    async fn handle(&self, started: Started) -> Value {
+    async fn handle(self: Arc<Self>, started: Started) -> Value {
         let Started {
             event,
             invocation,
@@ -197,8 +189,8 @@ impl Proxy {
             ..
         } = started;
         let done = self.answer_event(event, &invocation, &ending, false).await;
-        let (id, summary, budget) = (&done.request_id, &done.summary, &done.budget);
-        self.finish(id, summary, &done.resp, budget, &ending, None);
+        let (id, summary, deadline) = (&done.request_id, &done.summary, &done.deadline);
+        self.finish(id, summary, &done.resp, deadline, &ending, None);
         render(done.front, done.resp)
     }
 
@@ -213,16 +205,16 @@ impl Proxy {
     ) -> Answered {
         let id = invocation.request_id.as_str();
         let gateway = event.as_ref().map(|e| (e.kind, e.start_ms));
-        let budget = self.budget(invocation, gateway, ending.started);
-        self.warn_about_emulators(&budget, invocation);
+        let deadline = self.deadline(invocation, gateway, ending.started);
+        self.warn_about_emulators(&deadline, invocation);
         let front = event.as_ref().map(GatewayEvent::front);
         let (done, live) = match event {
             Some(mut ev) => {
                 let body = ev.take_body();
                 let call = Call {
                     id,
-                    budget: &budget,
-                    within: budget.time_left(self.time.now_ms()),
+                    deadline: &deadline,
+                    within: deadline.time_left(self.time.now_ms()),
                     may_stream,
                 };
                 self.serve(&ev, body, &call).await
@@ -233,41 +225,42 @@ impl Proxy {
             front,
             resp: done.resp,
             summary: done.summary,
-            budget,
+            deadline,
             request_id: id.to_owned(),
             live,
         }
     }
 
-    /// The invocation's budget. Misconfigured: nothing goes upstream, but the default deadline
-    /// still makes sense.
-    fn budget(
+    /// The invocation's deadline and time budget. Misconfigured: nothing goes upstream, but
+    /// the default deadline settings still make sense.
+    fn deadline(
         &self,
         invocation: &Invocation,
         gateway: Option<(GatewayKind, Option<u64>)>,
         started: u64,
-    ) -> Budget {
-        let deadline = self
+    ) -> Deadline {
+        let settings = self
             .state
             .as_ref()
             .map_or_else(|_| DeadlineSettings::default(), |r| r.settings.deadline());
-        Budget::compute(invocation.deadline_ms, gateway, started, &deadline)
+        Deadline::compute(invocation.deadline_ms, gateway, started, &settings)
     }
 
-    fn warn_about_emulators(&self, budget: &Budget, invocation: &Invocation) {
-        if budget.lambda_deadline_replaced
+    fn warn_about_emulators(&self, deadline: &Deadline, invocation: &Invocation) {
+        if deadline.lambda_deadline_replaced
             && !self.warned_lambda_deadline.swap(true, Ordering::Relaxed)
         {
             tracing::warn!(
                 lambda_deadline_ms = invocation.deadline_ms,
-                budget_ms = budget.budget_ms,
+                budget_ms = deadline.budget_ms,
                 "Lambda deadline is not a plausible epoch time (local emulator?); using FALLBACK_TIMEOUT_MS"
             );
         }
-        if budget.gateway_start_ignored && !self.warned_gateway_start.swap(true, Ordering::Relaxed)
+        if deadline.gateway_start_ignored
+            && !self.warned_gateway_start.swap(true, Ordering::Relaxed)
         {
             tracing::warn!(
-                budget_ms = budget.budget_ms,
+                budget_ms = deadline.budget_ms,
                 "gateway start time in the event is stale or in the future (sample event?); ignoring it"
             );
         }
@@ -371,7 +364,7 @@ impl Proxy {
             live: (call.may_stream && stream && route.streams()).then(|| Mutex::new(None)),
         };
         let run = self
-            .call_upstream(ready, &routed, keys.clone(), call.budget)
+            .call_upstream(ready, &routed, keys.clone(), call.deadline)
             .await;
         if let RunOutcome::Unsendable { detail } = &run.outcome {
             tracing::error!(detail, "the request to the upstream could not be built");
@@ -382,7 +375,7 @@ impl Proxy {
         let committed =
             matches!(&run.outcome, RunOutcome::Answer(r) if (200..300).contains(&r.status));
         let live = committed.then(|| routed.take_live(&run)).flatten();
-        let done = answer::ran(run, &routed, model, call.id, call.budget.budget_ms);
+        let done = answer::ran(run, &routed, model, call.id, call.deadline.budget_ms);
         Ok((done, live))
     }
 }

@@ -1,13 +1,17 @@
 //! The response payload each front door expects (spec §2): HTTP API payload 2.0 and function
 //! URLs (`cookies` may be set), REST and WebSocket APIs (payload 1.0), and ALB target groups
-//! (`statusDescription`, and `multiValueHeaders` when the event used them).
+//! (`statusDescription`, and `multiValueHeaders` when the event used them); with
+//! `INVOKE_MODE=RESPONSE_STREAM`, Lambda's streaming prelude (spec §10).
 
 use base64::Engine as _;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use lambda_runtime::streaming::Body;
+use lambda_runtime::{MetadataPrelude, StreamResponse};
 use serde_json::{Map, Value, json};
 
 use super::request::Front;
 use super::response::ProxyResponse;
-use crate::budget::GatewayKind;
+use crate::deadline::GatewayKind;
 
 /// What a handler hands the runtime: the buffered JSON payload ([`render`]) or, with
 /// `INVOKE_MODE=RESPONSE_STREAM`, the streaming prelude and body (`edge::streaming`).
@@ -79,6 +83,39 @@ pub fn status_description(status: u16) -> String {
         .and_then(|s| s.canonical_reason())
         .unwrap_or("Unknown");
     format!("{status} {reason}")
+}
+
+/// The prelude for an answer: its status and headers, no cookies.
+pub(super) fn prelude(resp: &ProxyResponse) -> MetadataPrelude {
+    let mut headers = HeaderMap::new();
+    for (name, value) in &resp.headers {
+        // Every header the proxy sets is valid; a value that is not is dropped, not a panic.
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            headers.append(n, v);
+        }
+    }
+    MetadataPrelude {
+        status_code: StatusCode::from_u16(resp.status).unwrap_or(StatusCode::BAD_GATEWAY),
+        headers,
+        cookies: Vec::new(),
+    }
+}
+
+impl Payload for StreamResponse<Body> {
+    fn payload(_: Option<Front>, resp: ProxyResponse) -> StreamResponse<Body> {
+        whole(resp)
+    }
+}
+
+/// A complete answer in the streaming format: prelude, then the whole body at once.
+pub(super) fn whole(resp: ProxyResponse) -> StreamResponse<Body> {
+    StreamResponse {
+        metadata_prelude: prelude(&resp),
+        stream: Body::from(resp.body),
+    }
 }
 
 #[cfg(test)]
@@ -189,5 +226,21 @@ mod tests {
             v.get("cookies").is_none(),
             "REST answers have no cookies field"
         );
+    }
+
+    #[test]
+    fn the_prelude_carries_status_and_headers() {
+        let mut resp = ProxyResponse::error(
+            crate::edge::response::ErrorCode::UpstreamUnavailable,
+            "down",
+            None,
+            "req-1",
+        );
+        resp.set_header("x-upstream-attempts", "3");
+        let p = serde_json::to_value(prelude(&resp)).unwrap();
+        assert_eq!(p["statusCode"], 502);
+        assert_eq!(p["headers"]["x-upstream-attempts"], "3");
+        assert_eq!(p["headers"]["content-type"], "application/json");
+        assert_eq!(p["cookies"], serde_json::json!([]));
     }
 }

@@ -9,7 +9,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::Value;
 
-use crate::budget::GatewayKind;
+use crate::deadline::GatewayKind;
 
 /// The parts of a gateway event the function uses.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -16,18 +16,15 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use lambda_runtime::StreamResponse;
 use lambda_runtime::streaming::{Body, Sender, channel};
-use lambda_runtime::tower::{Layer, Service, ServiceExt, service_fn};
-use lambda_runtime::{LambdaEvent, MetadataPrelude, StreamResponse};
+use lambda_runtime::tower::Service;
 use serde_json::Value;
 use tracing::Instrument;
 
 use super::finish::{Ending, StreamLog};
-use super::guard::{PanicGuardLayer, Started};
-use super::render::Payload;
-use super::request::Front;
-use super::response::ProxyResponse;
+use super::guard::Started;
+use super::render::{prelude, whole};
 use super::time::Time;
 use super::upstreams::Committed;
 use super::{Answered, Invocation, Proxy};
@@ -36,7 +33,8 @@ use crate::stream::{ApiFlavor, CallerGone, EventSink, StreamLimits, StreamSource
 use crate::upstream::LiveStream;
 
 impl Proxy {
-    /// The streaming handler service (the runtime calls it through [`PanicGuardLayer`]).
+    /// The streaming handler service (the runtime calls it through
+    /// [`PanicGuardLayer`](super::guard::PanicGuardLayer)).
     pub fn streaming(
         self: &Arc<Self>,
     ) -> impl Service<
@@ -47,11 +45,7 @@ impl Proxy {
     > + Clone
     + Send
     + 'static {
-        let proxy = self.clone();
-        service_fn(move |started: Started| {
-            let proxy = proxy.clone();
-            async move { Ok(proxy.handle_streaming(started).await) }
-        })
+        self.handler(Proxy::handle_streaming)
     }
 
     /// Answers one event in the streaming format, through the panic guard as the runtime does.
@@ -60,12 +54,7 @@ impl Proxy {
         event: Value,
         invocation: Invocation,
     ) -> StreamResponse<Body> {
-        let guarded = PanicGuardLayer::new(self.clone()).layer(self.streaming());
-        let event = LambdaEvent::new(event, invocation.context());
-        match guarded.oneshot(event).await {
-            Ok(payload) => payload,
-            Err(e) => unreachable!("the panic guard answers every event: {e}"),
-        }
+        self.guarded_call(self.streaming(), event, invocation).await
     }
 
     /// Answers one event (behind the panic guard): a committed stream is forwarded from a task
@@ -81,8 +70,8 @@ impl Proxy {
         match done.live.take() {
             Some(live) => self.start_stream(done, live, ending, span),
             None => {
-                let (id, summary, budget) = (&done.request_id, &done.summary, &done.budget);
-                self.finish(id, summary, &done.resp, budget, &ending, None);
+                let (id, summary, deadline) = (&done.request_id, &done.summary, &done.deadline);
+                self.finish(id, summary, &done.resp, deadline, &ending, None);
                 whole(done.resp)
             }
         }
@@ -126,7 +115,7 @@ impl Proxy {
             .map_or(crate::stream::DEFAULT_IDLE_TIMEOUT_MS, |r| {
                 r.settings.stream_idle_timeout_ms
             });
-        let limits = StreamLimits::new(idle_ms, done.budget.deadline_ms);
+        let limits = StreamLimits::new(idle_ms, done.deadline.deadline_ms);
         let flavor = if done.summary.route == "/responses" {
             ApiFlavor::Responses
         } else {
@@ -167,8 +156,8 @@ impl Proxy {
             bytes: report.bytes,
             outcome: report.outcome,
         };
-        let (id, summary, budget) = (&done.request_id, &done.summary, &done.budget);
-        self.finish(id, summary, &done.resp, budget, &ending, Some(&log));
+        let (id, summary, deadline) = (&done.request_id, &done.summary, &done.deadline);
+        self.finish(id, summary, &done.resp, deadline, &ending, Some(&log));
         drop(sink);
     }
 }
@@ -186,55 +175,5 @@ impl EventSink for LambdaSink {
         self.tx.send_data(bytes).await.map_err(|_| CallerGone)?;
         self.first_at.get_or_insert_with(|| self.time.now_ms());
         Ok(())
-    }
-}
-
-/// The prelude for an answer: its status and headers, no cookies.
-fn prelude(resp: &ProxyResponse) -> MetadataPrelude {
-    let mut headers = HeaderMap::new();
-    for (name, value) in &resp.headers {
-        // Every header the proxy sets is valid; a value that is not is dropped, not a panic.
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_str(value),
-        ) {
-            headers.append(n, v);
-        }
-    }
-    MetadataPrelude {
-        status_code: StatusCode::from_u16(resp.status).unwrap_or(StatusCode::BAD_GATEWAY),
-        headers,
-        cookies: Vec::new(),
-    }
-}
-
-impl Payload for StreamResponse<Body> {
-    fn payload(_: Option<Front>, resp: ProxyResponse) -> StreamResponse<Body> {
-        whole(resp)
-    }
-}
-
-/// A complete answer in the streaming format: prelude, then the whole body at once.
-fn whole(resp: ProxyResponse) -> StreamResponse<Body> {
-    StreamResponse {
-        metadata_prelude: prelude(&resp),
-        stream: Body::from(resp.body),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::edge::response::ErrorCode;
-
-    #[test]
-    fn the_prelude_carries_status_and_headers() {
-        let mut resp = ProxyResponse::error(ErrorCode::UpstreamUnavailable, "down", None, "req-1");
-        resp.set_header("x-upstream-attempts", "3");
-        let p = serde_json::to_value(prelude(&resp)).unwrap();
-        assert_eq!(p["statusCode"], 502);
-        assert_eq!(p["headers"]["x-upstream-attempts"], "3");
-        assert_eq!(p["headers"]["content-type"], "application/json");
-        assert_eq!(p["cookies"], serde_json::json!([]));
     }
 }

@@ -10,11 +10,13 @@ use serde_json::Value;
 use super::finish::log_attempt;
 use super::routes::Route;
 use super::{Proxy, Ready};
-use crate::budget::Budget;
 use crate::config::{KeySource, Settings};
-use crate::retry::{AttemptPlan, AttemptRecord, Clock, Engine, RetryPolicy, RetryRun, RunOutcome};
+use crate::deadline::Deadline;
+use crate::retry::{
+    AttemptPlan, AttemptRecord, Clock, RetryEngine, RetryPolicy, RetryRun, RunOutcome,
+};
 use crate::secrets::SecretError;
-use crate::upstream::{ForwardRequest, LiveStream};
+use crate::upstream::{Attempt, ForwardRequest, LiveStream};
 use crate::upstreams::naming::{Naming, naming};
 use crate::upstreams::routing::Router;
 use crate::upstreams::{UpstreamSpec, UpstreamsSource};
@@ -124,9 +126,9 @@ impl Proxy {
         ready: &Ready,
         req: &Routed<'_>,
         keys: Vec<Arc<str>>,
-        budget: &Budget,
+        deadline: &Deadline,
     ) -> RetryRun {
-        let run = self.run_engine(ready, req, &keys, budget, 0).await;
+        let run = self.run_engine(ready, req, &keys, deadline, 0).await;
         let rejected = match (&run.outcome, run.attempts.last()) {
             (RunOutcome::Answer(r), Some(last)) if r.status == 401 => last.target.upstream,
             _ => return run,
@@ -134,7 +136,7 @@ impl Proxy {
         if !matches!(req.list[rejected].key, KeySource::SecretArn(_)) {
             return run;
         }
-        self.with_fresh_key(ready, req, &keys, budget, run, rejected)
+        self.with_fresh_key(ready, req, &keys, deadline, run, rejected)
             .await
     }
 
@@ -145,11 +147,11 @@ impl Proxy {
         ready: &Ready,
         req: &Routed<'_>,
         keys: &[Arc<str>],
-        budget: &Budget,
+        deadline: &Deadline,
         offset: u32,
     ) -> RetryRun {
         let settings = &ready.settings;
-        let engine = Engine {
+        let engine = RetryEngine {
             policy: RetryPolicy {
                 max_attempts: settings.retry_max_attempts.saturating_sub(offset),
                 base_delay_ms: settings.retry_base_delay_ms,
@@ -172,7 +174,7 @@ impl Proxy {
         let time = &self.time;
         engine
             .run_routed(
-                budget.deadline_ms,
+                deadline.deadline_ms,
                 time,
                 time,
                 &mut &*time,
@@ -190,12 +192,12 @@ impl Proxy {
         ready: &Ready,
         req: &Routed<'_>,
         keys: &[Arc<str>],
-        budget: &Budget,
+        deadline: &Deadline,
         mut run: RetryRun,
         rejected: usize,
     ) -> RetryRun {
         let (settings, upstream) = (&ready.settings, &req.list[rejected].name);
-        let within = budget.time_left(self.time.now_ms());
+        let within = deadline.time_left(self.time.now_ms());
         let Ok(fresh) = self
             .upstream_keys(settings, req.list, Some(rejected), within)
             .await
@@ -213,7 +215,7 @@ impl Proxy {
             return run;
         }
         tracing::warn!(%upstream, "upstream rejected the key (401); read it again from Secrets Manager and retrying once");
-        let second = self.run_engine(ready, req, &fresh, budget, offset).await;
+        let second = self.run_engine(ready, req, &fresh, deadline, offset).await;
         if matches!(second.outcome, RunOutcome::NoTimeToStart { .. }) {
             return run;
         }
@@ -226,7 +228,7 @@ impl Proxy {
         run.switches += second.switches;
         run.circuit_open |= second.circuit_open;
         run.skipped += second.skipped;
-        run.elapsed_ms = self.time.now_ms().saturating_sub(budget.started_ms);
+        run.elapsed_ms = self.time.now_ms().saturating_sub(deadline.started_ms);
         run
     }
 
@@ -243,14 +245,17 @@ impl Proxy {
         let body = req.body_for(spec, plan.target.model);
         async move {
             let client = &ready.upstream;
-            let Some(live) = &req.live else {
-                return client
-                    .send(req.forward, spec, &key, body, plan.timeout_ms)
-                    .await;
+            let attempt = Attempt {
+                req: req.forward,
+                upstream: spec,
+                api_key: &key,
+                body,
+                timeout_ms: plan.timeout_ms,
             };
-            let (outcome, stream) = client
-                .send_stream(req.forward, spec, &key, body, plan.timeout_ms)
-                .await;
+            let Some(live) = &req.live else {
+                return client.send(attempt).await;
+            };
+            let (outcome, stream) = client.send_stream(attempt).await;
             *live.lock().unwrap_or_else(|e| e.into_inner()) = stream;
             outcome
         }

@@ -27,7 +27,7 @@ pub trait Sleeper {
 
 /// The engine's settings.
 #[derive(Clone, Copy, Debug)]
-pub struct Engine {
+pub struct RetryEngine {
     pub policy: RetryPolicy,
     /// `MIN_ATTEMPT_MS`: no attempt is started with less time than this left.
     pub min_attempt_ms: u64,
@@ -101,7 +101,7 @@ pub struct AttemptRecord {
     pub decision: Decision,
     pub reason: String,
     pub next_delay_ms: Option<u64>,
-    /// Budget left when the attempt ended.
+    /// Deadline left when the attempt ended.
     pub remaining_ms: u64,
     /// The next attempt was skipped as hopeless: its expected latency.
     pub expected_ms: Option<u64>,
@@ -179,8 +179,8 @@ struct Decided {
 /// treats every upstream as open.
 const MAX_REFUSALS_PER_UPSTREAM: usize = 2;
 
-impl Engine {
-    /// The v1 loop over one upstream: [`Engine::run_routed`] with [`OneUpstream`].
+impl RetryEngine {
+    /// The v1 loop over one upstream: [`RetryEngine::run_routed`] with [`OneUpstream`].
     pub async fn run<A, Fut>(
         &self,
         deadline_ms: u64,
@@ -442,7 +442,7 @@ impl Engine {
     }
 }
 
-impl Engine {
+impl RetryEngine {
     /// An attempt needs at least 1 ms even when `MIN_ATTEMPT_MS` is 0.
     fn min_attempt(&self) -> u64 {
         self.min_attempt_ms.max(1)
@@ -554,14 +554,14 @@ mod tests {
 
     struct Fixture {
         clock: VirtualClock,
-        engine: Engine,
+        engine: RetryEngine,
         jitter: TestJitter,
         plans: Vec<AttemptPlan>,
         sleeps: Vec<u64>,
     }
 
-    fn engine() -> Engine {
-        Engine {
+    fn engine() -> RetryEngine {
+        RetryEngine {
             policy: RetryPolicy {
                 max_attempts: 5,
                 base_delay_ms: 1000,
@@ -573,7 +573,7 @@ mod tests {
     }
 
     impl Fixture {
-        fn new(engine: Engine) -> Self {
+        fn new(engine: RetryEngine) -> Self {
             Fixture {
                 clock: VirtualClock::new(),
                 engine,
@@ -940,7 +940,7 @@ mod tests {
 
     #[test]
     fn attempt_timeout_setting_makes_hangs_retryable_and_is_cut_at_the_deadline() {
-        let mut f = Fixture::new(Engine {
+        let mut f = Fixture::new(RetryEngine {
             attempt_timeout_ms: Some(3_000),
             ..engine()
         });
@@ -1356,7 +1356,7 @@ mod tests {
             seed in any::<u64>(),
         ) {
             let policy = RetryPolicy { max_attempts, base_delay_ms: base, max_delay_ms: base * 8 };
-            let mut f = Fixture::new(Engine {
+            let mut f = Fixture::new(RetryEngine {
                 policy,
                 min_attempt_ms: min_attempt,
                 attempt_timeout_ms: attempt_timeout,

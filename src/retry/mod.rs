@@ -9,7 +9,7 @@ pub mod policy;
 use bytes::Bytes;
 
 pub use engine::{
-    AttemptPlan, AttemptRecord, Clock, Decision, Engine, GiveUpReason, RetryRun, RunOutcome,
+    AttemptPlan, AttemptRecord, Clock, Decision, GiveUpReason, RetryEngine, RetryRun, RunOutcome,
     Sleeper,
 };
 pub use policy::{Jitter, RetryPolicy, Verdict};

@@ -1,16 +1,13 @@
 //! `METRICS_BACKEND` (spec §7, §8): picks the metrics sink at cold start and, for `cloudwatch`,
-//! runs the flush extension next to the Lambda runtime.
+//! registers the flush extension that `main` joins with the Lambda runtime.
 
-use std::future::Future;
 use std::sync::Arc;
 
 use crate::config::{MetricsBackend, Settings};
 
-use super::cloudwatch::{AfterResponseLayer, CloudWatchMetrics, Publisher};
+use super::cloudwatch::{AfterResponseLayer, CloudWatchMetrics, FlushExtension, Publisher};
 use super::emf::EmfSink;
 use super::metrics::{MetricsSink, NoMetrics};
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The selected backend.
 pub enum Metrics {
@@ -71,27 +68,20 @@ impl Metrics {
         }
     }
 
-    /// Registers the flush extension (for `cloudwatch`) before the runtime starts polling, then
-    /// runs both until either fails.
-    pub async fn run(
-        self,
-        runtime: impl Future<Output = Result<(), BoxError>>,
-    ) -> Result<(), BoxError> {
-        match self {
-            Metrics::CloudWatch(cw) => match cw.register_extension().await {
-                Ok(extension) => {
-                    tokio::try_join!(runtime, extension.run())?;
-                    Ok(())
-                }
-                // Never fail the function for metrics: without the extension, each record is
-                // published by the background task after its response (best effort: Lambda
-                // may freeze the environment before it runs).
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not register the metrics flush extension; publishing metrics in the background");
-                    runtime.await
-                }
-            },
-            _ => runtime.await,
+    /// For `cloudwatch`, the flush extension, registered (before the runtime starts polling),
+    /// for `main` to join with the runtime. `None` for the other backends, and when registration
+    /// failed: metrics never fail the function; each record is then published by the background
+    /// task after its response (best effort: Lambda may freeze the environment before it runs).
+    pub async fn flush_extension(&self) -> Option<FlushExtension> {
+        let Metrics::CloudWatch(cw) = self else {
+            return None;
+        };
+        match cw.register_extension().await {
+            Ok(extension) => Some(extension),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not register the metrics flush extension; publishing metrics in the background");
+                None
+            }
         }
     }
 }

@@ -20,7 +20,7 @@
 //! 5. Every id whose record left the queue (claimed, drained by another claim, or published as
 //!    an orphan) is remembered as *settled*: an INVOKE that reaches the extension after that
 //!    settles at once instead of waiting for a finish that already happened. Any other wait is
-//!    bounded by the invocation's deadline, or [`FALLBACK_WAIT`] when the deadline is bogus
+//!    bounded by the invocation's deadline, or `FALLBACK_WAIT` when the deadline is bogus
 //!    (emulators); a record that comes after a given-up wait is published as an orphan.
 //!
 //! Records are taken out of the queue under its lock, so each is published exactly once; a

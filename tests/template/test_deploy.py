@@ -68,7 +68,7 @@ def test_lambda_timeout_leaves_room_for_the_post_response_metrics_flush():
     assert timeout_ms >= gateway_ms + flush_ms + skew_ms, (timeout_ms, gateway_ms, flush_ms)
     # The reserve the function keeps before the Lambda deadline is that same flush timeout, and
     # behind the HTTP API it must not shorten the gateway's 30 s.
-    budget = cfn.rust_source("src/budget.rs")
+    budget = cfn.rust_source("src/deadline.rs")
     assert re.search(r"pub const METRICS_FLUSH_RESERVE_MS: u64 =\s*crate::telemetry::cloudwatch::PUT_TIMEOUT", budget)
     assert timeout_ms - flush_ms >= gateway_ms + skew_ms
     # The deadline section of the docs names the reserve.
@@ -373,3 +373,20 @@ def test_number_parameters_accept_only_what_the_function_accepts():
         assert default is None or param["Default"] == default, (var, param["Default"], default)
         checked += 1
     assert checked >= 8, checked
+
+
+def test_configuration_doc_states_the_codes_defaults_and_bounds():
+    """docs/configuration.md's row of each whole-number setting gives the default src/config.rs
+    uses, and any `(low … high)` it states is the code's."""
+    table = (ROOT / "docs/configuration.md").read_text()
+    rows = [line.split("|") for line in table.splitlines() if line.startswith("| `")]
+    checked = 0
+    for var, (default, low, high) in code_number_settings().items():
+        row = next((r for r in rows if f"`{var}`" in r[1]), None)
+        assert row, f"{var} has no row in docs/configuration.md"
+        if default is not None:
+            assert row[2].strip() == f"`{default}`", f"docs/configuration.md: {var} defaults to {row[2].strip()}, the code to {default}"
+            checked += 1
+        for a, b in re.findall(r"\((\d+) … (\d+)[);]", row[3]):
+            assert (int(a), int(b)) == (low, high), f"docs/configuration.md: {var} is {a} … {b}, the code {low} … {high}"
+    assert checked >= 10, checked

@@ -150,3 +150,37 @@ def test_every_section_cited_is_in_the_contract():
             cited |= set(re.findall(r"§(\d+)", f.read_text(errors="replace")))
     assert cited, "no § citation found: the scan is broken"
     assert cited <= headings, f"cited but not in docs/contract.md: {sorted(cited - headings, key=int)}"
+
+
+def error_codes_in_the_code() -> dict:
+    """`code -> (status, type)` from the `ErrorCode` enum (`status`, `as_str`, `error_type`)."""
+    src = next(p for p in sorted((ROOT / "src").rglob("*.rs")) if "pub enum ErrorCode" in p.read_text()).read_text()
+
+    def arms(fn: str) -> dict:
+        body = src.split(f"fn {fn}(self)", 1)[1].split("\n    }\n", 1)[0]
+        out = {}
+        for variants, value in re.findall(r"((?:ErrorCode::\w+[\s|]*)+)=>\s*\"?(\w+)\"?", body):
+            for v in re.findall(r"ErrorCode::(\w+)", variants):
+                out[v] = value
+        return out
+
+    status, name, kind = arms("status"), arms("as_str"), arms("error_type")
+    assert set(status) == set(name) == set(kind) and len(name) >= 15, (status, name, kind)
+    return {name[v]: (status[v], kind[v]) for v in name}
+
+
+def table_rows(text: str) -> list:
+    return [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines() if line.startswith("| ")]
+
+
+def test_the_error_tables_give_each_code_the_status_and_type_the_code_answers_with():
+    codes = error_codes_in_the_code()
+    readme = (ROOT / "README.md").read_text().split("## The error contract", 1)[1].split("\n## ", 1)[0]
+    contract = CONTRACT.read_text().split("## §5 ", 1)[1].split("\n## ", 1)[0]
+    for code, (status, kind) in codes.items():
+        rows = [r for r in table_rows(readme) if len(r) == 4 and r[1] == f"`{code}`"]
+        assert rows, f"README's error table has no row for {code}"
+        assert all((r[0], r[2]) == (status, f"`{kind}`") for r in rows), (code, status, kind, rows)
+        rows = [r for r in table_rows(contract) if len(r) == 3 and f"`{code}`" in r[1].split(" / ")]
+        assert rows, f"docs/contract.md §5 has no row for {code}"
+        assert all(r[0] == status for r in rows), (code, status, rows)

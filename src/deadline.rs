@@ -76,7 +76,7 @@ impl Default for DeadlineSettings {
 
 /// The time this invocation has, fixed when it starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Budget {
+pub struct Deadline {
     /// Epoch ms after which no attempt or sleep may still be running.
     pub deadline_ms: u64,
     /// Epoch ms when the invocation started.
@@ -94,7 +94,7 @@ const MAX_PLAUSIBLE_LAMBDA_AHEAD_MS: u64 = 15 * 60 * 1000 + 60_000;
 /// A gateway start further in the future than this is a clock we cannot trust.
 const MAX_GATEWAY_START_AHEAD_MS: u64 = 5_000;
 
-impl Budget {
+impl Deadline {
     /// Computes the budget from the Lambda context deadline, the gateway start time carried by the
     /// event (`requestContext.timeEpoch` / `requestTimeEpoch`) and the clock.
     pub fn compute(
@@ -102,7 +102,7 @@ impl Budget {
         gateway: Option<(GatewayKind, Option<u64>)>,
         now_ms: u64,
         settings: &DeadlineSettings,
-    ) -> Budget {
+    ) -> Deadline {
         let plausible = lambda_deadline_ms > now_ms
             && lambda_deadline_ms <= now_ms + MAX_PLAUSIBLE_LAMBDA_AHEAD_MS;
         // The reserve applies to real deadlines only: an emulator's fallback kills nothing.
@@ -135,7 +135,7 @@ impl Budget {
         let deadline_ms = gateway_deadline
             .map_or(lambda_deadline, |g| g.min(lambda_deadline))
             .saturating_sub(settings.margin_ms);
-        Budget {
+        Deadline {
             deadline_ms,
             started_ms: now_ms,
             budget_ms: deadline_ms.saturating_sub(now_ms),
@@ -165,7 +165,7 @@ mod tests {
     #[test]
     fn http_api_v2_uses_thirty_seconds_from_the_gateway_start() {
         // Lambda allows 60 s, the gateway started 2 s ago: gateway wins.
-        let b = Budget::compute(
+        let b = Deadline::compute(
             NOW + 60_000,
             Some((GatewayKind::HttpApiV2, Some(NOW - 2_000))),
             NOW,
@@ -178,7 +178,7 @@ mod tests {
 
     #[test]
     fn rest_v1_uses_twenty_nine_seconds() {
-        let b = Budget::compute(
+        let b = Deadline::compute(
             NOW + 60_000,
             Some((GatewayKind::RestV1, Some(NOW - 27_000))),
             NOW,
@@ -189,7 +189,7 @@ mod tests {
 
     #[test]
     fn function_url_has_no_gateway_timeout() {
-        let b = Budget::compute(
+        let b = Deadline::compute(
             NOW + 60_000,
             Some((GatewayKind::FunctionUrl, Some(NOW))),
             NOW,
@@ -200,13 +200,13 @@ mod tests {
 
     #[test]
     fn alb_has_no_gateway_timeout_unless_one_is_set() {
-        let b = Budget::compute(NOW + 60_000, Some((GatewayKind::Alb, None)), NOW, &S);
+        let b = Deadline::compute(NOW + 60_000, Some((GatewayKind::Alb, None)), NOW, &S);
         assert_eq!(b.budget_ms, 59_500);
         let s = DeadlineSettings {
             gateway_timeout_ms: Some(10_000),
             ..S
         };
-        let b = Budget::compute(NOW + 60_000, Some((GatewayKind::Alb, None)), NOW, &s);
+        let b = Deadline::compute(NOW + 60_000, Some((GatewayKind::Alb, None)), NOW, &s);
         assert_eq!(b.budget_ms, 9_500);
     }
 
@@ -218,7 +218,7 @@ mod tests {
         };
         // Function URL, 35 s Lambda timeout: the answer is due 3 s + margin before Lambda's
         // deadline, so the post-response PutMetricData (at most 3 s) still fits.
-        let b = Budget::compute(
+        let b = Deadline::compute(
             NOW + 35_000,
             Some((GatewayKind::FunctionUrl, Some(NOW))),
             NOW,
@@ -229,7 +229,7 @@ mod tests {
         assert_eq!(b.budget_ms, 31_500);
         // Behind an HTTP API with a 35 s Lambda timeout the gateway still binds: the reserve
         // costs callers nothing there.
-        let b = Budget::compute(
+        let b = Deadline::compute(
             NOW + 35_000,
             Some((GatewayKind::HttpApiV2, Some(NOW - 200))),
             NOW,
@@ -237,7 +237,7 @@ mod tests {
         );
         assert_eq!(b.budget_ms, 29_300);
         // With a 31 s Lambda timeout it would bind, and keep the flush inside it too.
-        let b = Budget::compute(
+        let b = Deadline::compute(
             NOW + 31_000,
             Some((GatewayKind::HttpApiV2, Some(NOW))),
             NOW,
@@ -245,13 +245,13 @@ mod tests {
         );
         assert_eq!(b.deadline_ms, NOW + 31_000 - 3_000 - 500);
         // An emulator's fallback deadline is not a real one: no reserve.
-        let b = Budget::compute(600_000, None, NOW, &s);
+        let b = Deadline::compute(600_000, None, NOW, &s);
         assert_eq!(b.budget_ms, 29_500);
     }
 
     #[test]
     fn lambda_deadline_wins_when_it_is_earlier() {
-        let b = Budget::compute(
+        let b = Deadline::compute(
             NOW + 10_000,
             Some((GatewayKind::HttpApiV2, Some(NOW))),
             NOW,
@@ -271,20 +271,20 @@ mod tests {
             GatewayKind::RestV1,
             GatewayKind::FunctionUrl,
         ] {
-            let b = Budget::compute(NOW + 60_000, Some((kind, Some(NOW - 1_000))), NOW, &s);
+            let b = Deadline::compute(NOW + 60_000, Some((kind, Some(NOW - 1_000))), NOW, &s);
             assert_eq!(b.budget_ms, 8_500, "{kind:?}");
         }
     }
 
     #[test]
     fn cargo_lambda_watch_constant_deadline_is_replaced_by_the_fallback() {
-        let b = Budget::compute(600_000, None, NOW, &S);
+        let b = Deadline::compute(600_000, None, NOW, &S);
         assert!(b.lambda_deadline_replaced);
         assert_eq!(b.deadline_ms, NOW + 30_000 - 500);
         // A deadline beyond 15 minutes is not a Lambda deadline either.
-        assert!(Budget::compute(NOW + 3_600_000, None, NOW, &S).lambda_deadline_replaced);
+        assert!(Deadline::compute(NOW + 3_600_000, None, NOW, &S).lambda_deadline_replaced);
         // A real one is kept to the millisecond.
-        let real = Budget::compute(NOW + 899_999, None, NOW, &S);
+        let real = Deadline::compute(NOW + 899_999, None, NOW, &S);
         assert!(!real.lambda_deadline_replaced);
         assert_eq!(real.deadline_ms, NOW + 899_499);
     }
@@ -292,7 +292,7 @@ mod tests {
     #[test]
     fn stale_or_future_gateway_start_is_ignored() {
         // A sample event from 2020.
-        let stale = Budget::compute(
+        let stale = Deadline::compute(
             600_000,
             Some((GatewayKind::HttpApiV2, Some(1_583_798_639_428))),
             NOW,
@@ -301,7 +301,7 @@ mod tests {
         assert!(stale.gateway_start_ignored);
         assert_eq!(stale.budget_ms, 29_500);
         // Exactly the gateway timeout in the past is still honoured (budget already spent).
-        let edge = Budget::compute(
+        let edge = Deadline::compute(
             NOW + 60_000,
             Some((GatewayKind::RestV1, Some(NOW - 29_000))),
             NOW,
@@ -309,14 +309,14 @@ mod tests {
         );
         assert!(!edge.gateway_start_ignored);
         assert_eq!(edge.budget_ms, 0);
-        let future = Budget::compute(
+        let future = Deadline::compute(
             NOW + 60_000,
             Some((GatewayKind::HttpApiV2, Some(NOW + 5_001))),
             NOW,
             &S,
         );
         assert!(future.gateway_start_ignored);
-        let near = Budget::compute(
+        let near = Deadline::compute(
             NOW + 60_000,
             Some((GatewayKind::HttpApiV2, Some(NOW + 5_000))),
             NOW,
@@ -327,7 +327,7 @@ mod tests {
 
     #[test]
     fn missing_gateway_start_counts_from_now() {
-        let b = Budget::compute(NOW + 60_000, Some((GatewayKind::HttpApiV2, None)), NOW, &S);
+        let b = Deadline::compute(NOW + 60_000, Some((GatewayKind::HttpApiV2, None)), NOW, &S);
         assert_eq!(b.budget_ms, 29_500);
     }
 }
