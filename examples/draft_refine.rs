@@ -13,11 +13,11 @@
 //! `OPENAI_BASE_URL=http://127.0.0.1:8080/v1 OPENAI_API_KEY=sk-sim cargo lambda watch --example draft_refine`.
 
 use bytes::Bytes;
-use lambda_runtime::{Error, LambdaEvent, service_fn};
+use lambda_runtime::{LambdaEvent, service_fn};
 use openai_lambda_proxy::{
-    Attempt, AttemptOutcome, Clock, Deadline, DeadlineSettings, FastRandJitter, ForwardRequest,
-    KeySource, RetryEngine, RetryPolicy, RunOutcome, SystemClock, TokioSleeper, UpstreamClient,
-    UpstreamKind, UpstreamSpec,
+    Attempt, AttemptOutcome, BoxError, Clock, Deadline, DeadlineSettings, FastRandJitter,
+    ForwardRequest, KeySource, RetryEngine, RetryPolicy, RunOutcome, SystemClock, TokioSleeper,
+    UpstreamClient, UpstreamKind, UpstreamSpec,
 };
 use serde_json::{Value, json};
 
@@ -58,7 +58,7 @@ pub struct App {
 }
 
 impl App {
-    pub fn from_env() -> Result<App, Error> {
+    pub fn from_env() -> Result<App, BoxError> {
         let base =
             std::env::var("OPENAI_BASE_URL").unwrap_or_else(|_| "https://api.openai.com/v1".into());
         let api_key = std::env::var("OPENAI_API_KEY")?;
@@ -191,7 +191,7 @@ pub fn openai(base_url: &str, api_key: &str) -> UpstreamSpec {
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Error> {
+async fn main() -> Result<(), BoxError> {
     let app = &*Box::leak(Box::new(App::from_env()?));
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| async move {
         // The invocation's own deadline; no gateway in front here (a function URL, say).
@@ -203,7 +203,7 @@ async fn main() -> Result<(), Error> {
         );
         let question = event.payload["question"].as_str().unwrap_or_default();
         if question.is_empty() {
-            return Ok::<Value, Error>(json!({"error": {"code": "invalid_request", "message": "the event needs a non-empty \"question\" string"}}));
+            return Ok::<Value, BoxError>(json!({"error": {"code": "invalid_request", "message": "the event needs a non-empty \"question\" string"}}));
         }
         Ok(app.answer(question, budget.deadline_ms).await)
     }))

@@ -8,6 +8,7 @@ use std::fmt;
 use reqwest::Url;
 
 use crate::deadline::{DeadlineSettings, METRICS_FLUSH_RESERVE_MS};
+use crate::retry::{RetryEngine, RetryPolicy};
 use crate::upstreams::breaker::BreakerSettings;
 use crate::upstreams::{
     ModelFallbacks, UpstreamKind, UpstreamSpec, UpstreamsSource, parse_upstreams,
@@ -67,7 +68,7 @@ impl InvokeMode {
             None => Ok(InvokeMode::Buffered),
             Some(m) if m.eq_ignore_ascii_case("BUFFERED") => Ok(InvokeMode::Buffered),
             Some(m) if m.eq_ignore_ascii_case("RESPONSE_STREAM") => Ok(InvokeMode::ResponseStream),
-            Some(_) => Err(invalid(
+            Some(_) => Err(ConfigError::new(
                 "INVOKE_MODE",
                 "must be `BUFFERED` or `RESPONSE_STREAM`",
             )),
@@ -155,11 +156,32 @@ impl ModelAllowList {
     }
 }
 
-/// A setting that could not be used. Displays the setting's name and the problem, never the value.
+/// A setting that could not be used, or a secret it names that could not be had: what callers
+/// get as 500 `config_error` (spec §5). `setting` and `problem` are what they may see, and all
+/// that `Display` shows: never a value, never AWS's error text.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConfigError {
     pub setting: &'static str,
     pub problem: String,
+    /// The whole error (the SDK's text, an ARN), for the operator's log only.
+    pub detail: String,
+    /// Secrets Manager could not be reached or failed (timeout, network, 5xx, throttling): a
+    /// value read before stays in use. Otherwise the answer is definite (a bad setting, a missing
+    /// secret, access denied, an unusable value).
+    pub transient: bool,
+}
+
+impl ConfigError {
+    /// A definite problem with `setting`; `problem` holds no value, so the log gets it as is.
+    pub fn new(setting: &'static str, problem: impl Into<String>) -> ConfigError {
+        let problem = problem.into();
+        ConfigError {
+            setting,
+            detail: problem.clone(),
+            problem,
+            transient: false,
+        }
+    }
 }
 
 impl fmt::Display for ConfigError {
@@ -181,87 +203,23 @@ impl Settings {
         Settings::from_lookup(|name| std::env::var(name).ok())
     }
 
-    /// Reads settings through `lookup` (tests pass a map). Empty values count as unset.
+    /// Reads settings through `lookup` (tests pass a map). Empty values count as unset. The
+    /// first bad setting, in the order below, is the error.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Settings, ConfigError> {
         let env = Env(&lookup);
         let openai_base_url = match env.get("OPENAI_BASE_URL") {
             None => "https://api.openai.com/v1".to_owned(),
             Some(raw) => parse_base_url("OPENAI_BASE_URL", &raw)?,
         };
-        // With an upstream list, each entry brings its own key.
-        let own_list = env.get("UPSTREAMS").is_some() || env.get("UPSTREAMS_SECRET_ARN").is_some();
-        let openai_key = match (
-            env.get("OPENAI_API_KEY_SECRET_ARN"),
-            env.get("OPENAI_API_KEY"),
-        ) {
-            (Some(arn), _) => Some(KeySource::SecretArn(arn)),
-            (None, Some(key)) => Some(KeySource::Env(header_token("OPENAI_API_KEY", key)?)),
-            (None, None) if own_list => None,
-            (None, None) => return Err(missing_openai_key()),
-        };
-        let auth_disabled = match env.get("AUTH_MODE").as_deref() {
-            None => false,
-            Some(mode) if mode.eq_ignore_ascii_case("none") => true,
-            Some(mode) if mode.eq_ignore_ascii_case("api_key") => false,
-            Some(_) => return Err(invalid("AUTH_MODE", "must be `api_key` or `none`")),
-        };
-        let auth = if auth_disabled {
-            ClientAuth::Disabled
-        } else if let Some(arn) = env.get("PROXY_API_KEYS_SECRET_ARN") {
-            ClientAuth::SecretArn(arn)
-        } else {
-            let tokens: Vec<String> = env
-                .get("PROXY_API_KEYS")
-                .unwrap_or_default()
-                .split(',')
-                .map(str::trim)
-                .filter(|t| !t.is_empty())
-                .map(str::to_owned)
-                .collect();
-            if tokens.is_empty() {
-                return Err(ConfigError {
-                    setting: "PROXY_API_KEYS",
-                    problem: "is not set: no client tokens configured (set PROXY_API_KEYS_SECRET_ARN or PROXY_API_KEYS, or AUTH_MODE=none behind an authorizer)".into(),
-                });
-            }
-            ClientAuth::Tokens(tokens)
-        };
-        let metrics_backend = match env.get("METRICS_BACKEND").as_deref() {
-            None => MetricsBackend::CloudWatch,
-            Some(b) if b.eq_ignore_ascii_case("cloudwatch") => MetricsBackend::CloudWatch,
-            Some(b) if b.eq_ignore_ascii_case("emf") => MetricsBackend::Emf,
-            Some(b) if b.eq_ignore_ascii_case("none") => MetricsBackend::None,
-            Some(_) => {
-                return Err(invalid(
-                    "METRICS_BACKEND",
-                    "must be `cloudwatch`, `emf` or `none`",
-                ));
-            }
-        };
-        let metrics_namespace = env
-            .get("METRICS_NAMESPACE")
-            .unwrap_or_else(|| "OpenAIProxy".into());
-        if metrics_namespace.len() > 255 || metrics_namespace.starts_with("AWS/") {
-            return Err(invalid(
-                "METRICS_NAMESPACE",
-                "must be at most 255 characters and not start with `AWS/`",
-            ));
-        }
+        let openai_key = openai_key(&env)?;
+        let auth = client_auth(&env)?;
+        let (metrics_backend, metrics_namespace) = metrics(&env)?;
         let invoke_mode = InvokeMode::parse(env.get("INVOKE_MODE").as_deref())?;
         let retry_max_attempts = env.number("RETRY_MAX_ATTEMPTS", 5, 1, 20)? as u32;
-        let deadline = DeadlineSettings::default();
-        let openai_organization = env
-            .get("OPENAI_ORGANIZATION")
-            .map(|v| header_token("OPENAI_ORGANIZATION", v))
-            .transpose()?;
-        let openai_project = env
-            .get("OPENAI_PROJECT")
-            .map(|v| header_token("OPENAI_PROJECT", v))
-            .transpose()?;
-        let upstreams = match (env.get("UPSTREAMS_SECRET_ARN"), env.get("UPSTREAMS")) {
-            (Some(arn), _) => UpstreamsSource::SecretArn(arn),
-            (None, Some(raw)) => UpstreamsSource::List(parse_upstreams("UPSTREAMS", &raw)?),
-            (None, None) => UpstreamsSource::List(vec![UpstreamSpec {
+        let openai_organization = env.header_token("OPENAI_ORGANIZATION")?;
+        let openai_project = env.header_token("OPENAI_PROJECT")?;
+        let upstreams = upstreams(&env, || {
+            Ok(UpstreamSpec {
                 name: DEFAULT_UPSTREAM.into(),
                 base_url: openai_base_url.clone(),
                 kind: UpstreamKind::OpenAi,
@@ -269,31 +227,166 @@ impl Settings {
                 organization: openai_organization.clone(),
                 project: openai_project.clone(),
                 models: Default::default(),
-            }]),
-        };
+            })
+        })?;
         let model_fallbacks = env
             .get("MODEL_FALLBACKS")
             .map(|raw| ModelFallbacks::parse(&raw))
             .transpose()?
             .unwrap_or_default();
-        // The defaults are BreakerSettings::default() (a test checks), written out for the
-        // template test that reads them from here.
-        let breaker = BreakerSettings {
-            failures: env.number("BREAKER_FAILURES", 5, 0, 1000)? as u32,
-            cooldown_ms: env.number("BREAKER_COOLDOWN_MS", 10_000, 1, FIFTEEN_MINUTES_MS)?,
-        };
+        let breaker = breaker(&env)?;
+        let limits = Limits::read(&env)?;
         Ok(Settings {
             openai_base_url,
             openai_organization,
             openai_project,
             openai_key,
             auth,
+            allowed_models: limits.allowed_models,
+            max_body_bytes: limits.max_body_bytes,
+            retry_max_attempts,
+            retry_base_delay_ms: limits.retry_base_delay_ms,
+            retry_max_delay_ms: limits.retry_max_delay_ms,
+            deadline_margin_ms: limits.deadline_margin_ms,
+            min_attempt_ms: limits.min_attempt_ms,
+            connect_timeout_ms: limits.connect_timeout_ms,
+            attempt_timeout_ms: limits.attempt_timeout_ms,
+            gateway_timeout_ms: limits.gateway_timeout_ms,
+            fallback_timeout_ms: limits.fallback_timeout_ms,
+            secrets_ttl_ms: limits.secrets_ttl_ms,
+            metrics_backend,
+            metrics_namespace,
+            function_name: limits.function_name,
+            upstreams,
+            fallback_after_failures: limits.fallback_after_failures,
+            model_fallbacks,
+            breaker,
+            skip_hopeless_attempts: limits.skip_hopeless_attempts,
+            invoke_mode,
+            stream_idle_timeout_ms: limits.stream_idle_timeout_ms,
+        })
+    }
+}
+
+/// `OPENAI_API_KEY_SECRET_ARN` or `OPENAI_API_KEY`; not needed with an upstream list (each
+/// entry brings its own key).
+fn openai_key(env: &Env<'_, impl Lookup>) -> Result<Option<KeySource>, ConfigError> {
+    let own_list = env.get("UPSTREAMS").is_some() || env.get("UPSTREAMS_SECRET_ARN").is_some();
+    match (
+        env.get("OPENAI_API_KEY_SECRET_ARN"),
+        env.get("OPENAI_API_KEY"),
+    ) {
+        (Some(arn), _) => Ok(Some(KeySource::SecretArn(arn))),
+        (None, Some(key)) => Ok(Some(KeySource::Env(header_token("OPENAI_API_KEY", key)?))),
+        (None, None) if own_list => Ok(None),
+        (None, None) => Err(missing_openai_key()),
+    }
+}
+
+/// `AUTH_MODE`, then `PROXY_API_KEYS_SECRET_ARN` or `PROXY_API_KEYS` (spec §7).
+fn client_auth(env: &Env<'_, impl Lookup>) -> Result<ClientAuth, ConfigError> {
+    match env.get("AUTH_MODE").as_deref() {
+        None => {}
+        Some(mode) if mode.eq_ignore_ascii_case("none") => return Ok(ClientAuth::Disabled),
+        Some(mode) if mode.eq_ignore_ascii_case("api_key") => {}
+        Some(_) => return Err(ConfigError::new("AUTH_MODE", "must be `api_key` or `none`")),
+    }
+    if let Some(arn) = env.get("PROXY_API_KEYS_SECRET_ARN") {
+        return Ok(ClientAuth::SecretArn(arn));
+    }
+    let tokens: Vec<String> = env
+        .get("PROXY_API_KEYS")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if tokens.is_empty() {
+        return Err(ConfigError::new(
+            "PROXY_API_KEYS",
+            "is not set: no client tokens configured (set PROXY_API_KEYS_SECRET_ARN or PROXY_API_KEYS, or AUTH_MODE=none behind an authorizer)",
+        ));
+    }
+    Ok(ClientAuth::Tokens(tokens))
+}
+
+/// `METRICS_BACKEND` and `METRICS_NAMESPACE` (spec §8).
+fn metrics(env: &Env<'_, impl Lookup>) -> Result<(MetricsBackend, String), ConfigError> {
+    let backend = match env.get("METRICS_BACKEND").as_deref() {
+        None => MetricsBackend::CloudWatch,
+        Some(b) if b.eq_ignore_ascii_case("cloudwatch") => MetricsBackend::CloudWatch,
+        Some(b) if b.eq_ignore_ascii_case("emf") => MetricsBackend::Emf,
+        Some(b) if b.eq_ignore_ascii_case("none") => MetricsBackend::None,
+        Some(_) => {
+            return Err(ConfigError::new(
+                "METRICS_BACKEND",
+                "must be `cloudwatch`, `emf` or `none`",
+            ));
+        }
+    };
+    let namespace = env
+        .get("METRICS_NAMESPACE")
+        .unwrap_or_else(|| "OpenAIProxy".into());
+    if namespace.len() > 255 || namespace.starts_with("AWS/") {
+        return Err(ConfigError::new(
+            "METRICS_NAMESPACE",
+            "must be at most 255 characters and not start with `AWS/`",
+        ));
+    }
+    Ok((backend, namespace))
+}
+
+/// `UPSTREAMS_SECRET_ARN` or `UPSTREAMS`, else the one `openai` upstream of §7 (spec §11).
+fn upstreams(
+    env: &Env<'_, impl Lookup>,
+    default: impl FnOnce() -> Result<UpstreamSpec, ConfigError>,
+) -> Result<UpstreamsSource, ConfigError> {
+    match (env.get("UPSTREAMS_SECRET_ARN"), env.get("UPSTREAMS")) {
+        (Some(arn), _) => Ok(UpstreamsSource::SecretArn(arn)),
+        (None, Some(raw)) => Ok(UpstreamsSource::List(parse_upstreams("UPSTREAMS", &raw)?)),
+        (None, None) => Ok(UpstreamsSource::List(vec![default()?])),
+    }
+}
+
+/// `BREAKER_FAILURES` and `BREAKER_COOLDOWN_MS`. The defaults are `BreakerSettings::default()`
+/// (a test checks), written out for the template test that reads them from here.
+fn breaker(env: &Env<'_, impl Lookup>) -> Result<BreakerSettings, ConfigError> {
+    Ok(BreakerSettings {
+        failures: env.number("BREAKER_FAILURES", 5, 0, 1000)? as u32,
+        cooldown_ms: env.number("BREAKER_COOLDOWN_MS", 10_000, 1, FIFTEEN_MINUTES_MS)?,
+    })
+}
+
+/// The settings that stand alone: sizes, times, counts and switches, each with its default and
+/// range (the template's parameters have the same; a test compares them).
+struct Limits {
+    allowed_models: Option<ModelAllowList>,
+    max_body_bytes: usize,
+    retry_base_delay_ms: u64,
+    retry_max_delay_ms: u64,
+    deadline_margin_ms: u64,
+    min_attempt_ms: u64,
+    connect_timeout_ms: u64,
+    attempt_timeout_ms: Option<u64>,
+    gateway_timeout_ms: Option<u64>,
+    fallback_timeout_ms: u64,
+    secrets_ttl_ms: u64,
+    function_name: String,
+    fallback_after_failures: u32,
+    skip_hopeless_attempts: bool,
+    stream_idle_timeout_ms: u64,
+}
+
+impl Limits {
+    fn read(env: &Env<'_, impl Lookup>) -> Result<Limits, ConfigError> {
+        let deadline = DeadlineSettings::default();
+        Ok(Limits {
             allowed_models: env
                 .get("ALLOWED_MODELS")
                 .and_then(|l| ModelAllowList::parse(&l)),
             max_body_bytes: env.number("MAX_BODY_BYTES", 1024 * 1024, 1, LAMBDA_PAYLOAD_LIMIT)?
                 as usize,
-            retry_max_attempts,
             retry_base_delay_ms: env.number("RETRY_BASE_DELAY_MS", 1000, 0, FIFTEEN_MINUTES_MS)?,
             retry_max_delay_ms: env.number("RETRY_MAX_DELAY_MS", 8000, 0, FIFTEEN_MINUTES_MS)?,
             deadline_margin_ms: env.number("DEADLINE_MARGIN_MS", deadline.margin_ms, 0, 60_000)?,
@@ -309,17 +402,11 @@ impl Settings {
             )?,
             // Below a second, every request could read Secrets Manager.
             secrets_ttl_ms: env.number("SECRETS_TTL_MS", 300_000, 1_000, FIFTEEN_MINUTES_MS)?,
-            metrics_backend,
-            metrics_namespace,
             function_name: env
                 .get("AWS_LAMBDA_FUNCTION_NAME")
                 .unwrap_or_else(|| "openai-lambda-proxy".into()),
-            upstreams,
             fallback_after_failures: env.number("FALLBACK_AFTER_FAILURES", 2, 1, 20)? as u32,
-            model_fallbacks,
-            breaker,
             skip_hopeless_attempts: env.flag("SKIP_HOPELESS_ATTEMPTS", true)?,
-            invoke_mode,
             stream_idle_timeout_ms: env.number(
                 "STREAM_IDLE_TIMEOUT_MS",
                 crate::stream::DEFAULT_IDLE_TIMEOUT_MS,
@@ -345,6 +432,20 @@ impl Settings {
             }
     }
 
+    /// The retry engine these settings describe (`RETRY_*`, `MIN_ATTEMPT_MS`,
+    /// `ATTEMPT_TIMEOUT_MS`): built here and nowhere else.
+    pub fn retry_engine(&self) -> RetryEngine {
+        RetryEngine {
+            policy: RetryPolicy {
+                max_attempts: self.retry_max_attempts,
+                base_delay_ms: self.retry_base_delay_ms,
+                max_delay_ms: self.retry_max_delay_ms,
+            },
+            min_attempt_ms: self.min_attempt_ms,
+            attempt_timeout_ms: self.attempt_timeout_ms,
+        }
+    }
+
     /// The settings the deadline budget uses. With `METRICS_BACKEND=cloudwatch` the metrics are
     /// flushed after the answer, inside the Lambda deadline, so time is kept free for it.
     pub fn deadline(&self) -> DeadlineSettings {
@@ -363,17 +464,10 @@ impl Settings {
 }
 
 fn missing_openai_key() -> ConfigError {
-    ConfigError {
-        setting: "OPENAI_API_KEY",
-        problem: "is not set (set OPENAI_API_KEY_SECRET_ARN or OPENAI_API_KEY, or list upstreams in UPSTREAMS)".into(),
-    }
-}
-
-fn invalid(setting: &'static str, problem: &str) -> ConfigError {
-    ConfigError {
-        setting,
-        problem: problem.to_owned(),
-    }
+    ConfigError::new(
+        "OPENAI_API_KEY",
+        "is not set (set OPENAI_API_KEY_SECRET_ARN or OPENAI_API_KEY, or list upstreams in UPSTREAMS)",
+    )
 }
 
 /// Whether `value` can be sent as one HTTP header token: visible ASCII, no spaces or control
@@ -386,7 +480,7 @@ fn header_token(setting: &'static str, value: String) -> Result<String, ConfigEr
     if is_header_token(&value) {
         Ok(value)
     } else {
-        Err(invalid(
+        Err(ConfigError::new(
             setting,
             "holds spaces, control or non-ASCII characters, which cannot be sent in an HTTP header",
         ))
@@ -395,12 +489,19 @@ fn header_token(setting: &'static str, value: String) -> Result<String, ConfigEr
 
 /// An http(s) base URL with a host and no query or fragment, without its trailing slash.
 pub(crate) fn parse_base_url(setting: &'static str, raw: &str) -> Result<String, ConfigError> {
-    let url = Url::parse(raw.trim()).map_err(|_| invalid(setting, "is not a valid URL"))?;
+    let url =
+        Url::parse(raw.trim()).map_err(|_| ConfigError::new(setting, "is not a valid URL"))?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(invalid(setting, "must be an http(s) URL with a host"));
+        return Err(ConfigError::new(
+            setting,
+            "must be an http(s) URL with a host",
+        ));
     }
     if url.query().is_some() || url.fragment().is_some() {
-        return Err(invalid(setting, "must not carry a query or fragment"));
+        return Err(ConfigError::new(
+            setting,
+            "must not carry a query or fragment",
+        ));
     }
     Ok(url.as_str().trim_end_matches('/').to_owned())
 }
@@ -428,13 +529,22 @@ pub fn is_own_host(base_url: &str, host_header: &str) -> bool {
     name(&upstream).is_some() && name(&upstream) == name(&arrived) && same_port
 }
 
-struct Env<'a, F: Fn(&str) -> Option<String>>(&'a F);
+/// Where settings are read from: the process environment, or a map in tests.
+trait Lookup: Fn(&str) -> Option<String> {}
+impl<F: Fn(&str) -> Option<String>> Lookup for F {}
 
-impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
+struct Env<'a, F: Lookup>(&'a F);
+
+impl<F: Lookup> Env<'_, F> {
     fn get(&self, name: &str) -> Option<String> {
         (self.0)(name)
             .map(|v| v.trim().to_owned())
             .filter(|v| !v.is_empty())
+    }
+
+    /// An optional setting that goes into an HTTP header as it is.
+    fn header_token(&self, name: &'static str) -> Result<Option<String>, ConfigError> {
+        self.get(name).map(|v| header_token(name, v)).transpose()
     }
 
     fn optional_number(
@@ -448,11 +558,11 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
         };
         match raw.parse::<u64>() {
             Ok(n) if (min..=max).contains(&n) => Ok(Some(n)),
-            Ok(_) => Err(ConfigError {
-                setting: name,
-                problem: format!("is out of range (allowed {min}..={max})"),
-            }),
-            Err(_) => Err(invalid(name, "is not a whole number")),
+            Ok(_) => Err(ConfigError::new(
+                name,
+                format!("is out of range (allowed {min}..={max})"),
+            )),
+            Err(_) => Err(ConfigError::new(name, "is not a whole number")),
         }
     }
 
@@ -461,7 +571,7 @@ impl<F: Fn(&str) -> Option<String>> Env<'_, F> {
             None => Ok(default),
             Some("true" | "1" | "yes" | "on") => Ok(true),
             Some("false" | "0" | "no" | "off") => Ok(false),
-            Some(_) => Err(invalid(name, "must be `true` or `false`")),
+            Some(_) => Err(ConfigError::new(name, "must be `true` or `false`")),
         }
     }
 

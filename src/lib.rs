@@ -18,6 +18,11 @@ pub mod upstreams;
 
 pub use edge::{Invocation, Proxy};
 
+/// The crate's one boxed error (the same type as `lambda_runtime::Error`): what the runtime,
+/// the flush extension and a handler of your own return. Configuration and secrets have their
+/// own error, [`config::ConfigError`], which names the setting and never a value.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 // The library face, for a handler of your own (`examples/draft_refine.rs` makes two OpenAI calls
 // under one invocation deadline with these):
 // - the time budget: [`Deadline::compute`] turns the Lambda deadline (and a gateway's start time,

@@ -23,7 +23,7 @@ use aws_sdk_secretsmanager::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_secretsmanager::operation::get_secret_value::GetSecretValueError;
 use tokio::sync::Mutex;
 
-use crate::config::{ClientAuth, KeySource};
+use crate::config::{ClientAuth, ConfigError, KeySource};
 use crate::retry::{Clock, SystemClock};
 use crate::upstreams::{UpstreamSpec, parse_upstreams};
 
@@ -31,26 +31,6 @@ use crate::upstreams::{UpstreamSpec, parse_upstreams};
 pub const BACKOFF_MIN_MS: u64 = 1_000;
 /// Longest wait between two reads of a secret that keeps failing.
 pub const BACKOFF_MAX_MS: u64 = 30_000;
-
-/// A secret could not be had. `setting` and `problem` are what the caller may see (never a
-/// value, never AWS text); `detail` is for the operator's log only.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SecretError {
-    pub setting: &'static str,
-    pub problem: String,
-    /// The whole error (SDK text, ARN), for the log. Never shown to callers.
-    pub detail: String,
-    /// Secrets Manager could not be reached or failed (timeout, network, 5xx, throttling): a
-    /// value read before stays in use. Otherwise the answer is definite (missing secret, access
-    /// denied, unusable value) and replaces it.
-    pub transient: bool,
-}
-
-impl std::fmt::Display for SecretError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}", self.setting, self.problem)
-    }
-}
 
 /// One cached secret.
 #[derive(Clone, Debug)]
@@ -94,7 +74,7 @@ impl Backoff {
 /// The failed reads since the last good one.
 #[derive(Clone, Debug)]
 struct Failure {
-    error: SecretError,
+    error: ConfigError,
     consecutive: u32,
     /// No read before this time (clock ms).
     retry_at_ms: u64,
@@ -106,7 +86,7 @@ pub enum Step<T> {
     Use(T),
     Read,
     /// A recent read failed and its backoff has not passed: answer with that error, no call.
-    Refuse(SecretError),
+    Refuse(ConfigError),
 }
 
 /// The wait after `consecutive` failed reads: 1 s, 2 s, 4 s, … up to 30 s.
@@ -143,11 +123,11 @@ pub fn step<T: Clone>(cell: &Cell<T>, now_ms: u64, ttl_ms: u64, stale: bool) -> 
 /// (Secrets Manager being down does not take the proxy down); a definite one drops it.
 pub fn settle<T: Clone>(
     cell: Cell<T>,
-    read: Result<T, SecretError>,
+    read: Result<T, ConfigError>,
     now_ms: u64,
     stale: bool,
     same: fn(&T, &T) -> bool,
-) -> (Cell<T>, Result<T, SecretError>) {
+) -> (Cell<T>, Result<T, ConfigError>) {
     match read {
         Ok(v) => {
             let same = cell.value.as_ref().is_some_and(|(old, _)| same(old, &v));
@@ -243,7 +223,7 @@ impl Secrets {
         source: &KeySource,
         rejected: bool,
         within: Duration,
-    ) -> Result<Arc<str>, SecretError> {
+    ) -> Result<Arc<str>, ConfigError> {
         match source {
             KeySource::Env(key) => Ok(Arc::from(key.as_str())),
             KeySource::SecretArn(arn) => {
@@ -261,7 +241,7 @@ impl Secrets {
         arn: &str,
         rejected: bool,
         within: Duration,
-    ) -> Result<Arc<str>, SecretError> {
+    ) -> Result<Arc<str>, ConfigError> {
         let cell = {
             let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
             keys.entry(arn.to_owned()).or_default().clone()
@@ -269,13 +249,13 @@ impl Secrets {
         let read = |until| async move {
             let raw = self.read(setting, arn, within, until).await?;
             let key = parse_openai_key(&raw).ok_or_else(|| {
-                definite(
+                ConfigError::new(
                     setting,
                     "holds neither a key nor JSON with an OPENAI_API_KEY field",
                 )
             })?;
             if !crate::config::is_header_token(&key) {
-                return Err(definite(
+                return Err(ConfigError::new(
                     setting,
                     "holds a key with spaces, control or non-ASCII characters",
                 ));
@@ -293,7 +273,7 @@ impl Secrets {
         source: &KeySource,
         rejected: bool,
         within: Duration,
-    ) -> Result<Arc<str>, SecretError> {
+    ) -> Result<Arc<str>, ConfigError> {
         let arn = match source {
             KeySource::Env(key) => return Ok(Arc::from(key.as_str())),
             KeySource::SecretArn(arn) => arn,
@@ -306,13 +286,11 @@ impl Secrets {
         &self,
         arn: &str,
         within: Duration,
-    ) -> Result<Arc<[UpstreamSpec]>, SecretError> {
+    ) -> Result<Arc<[UpstreamSpec]>, ConfigError> {
         const SETTING: &str = "UPSTREAMS_SECRET_ARN";
         let read = |until| async move {
             let raw = self.read(SETTING, arn, within, until).await?;
-            parse_upstreams(SETTING, &raw)
-                .map(Arc::from)
-                .map_err(|e| definite(SETTING, &e.problem))
+            parse_upstreams(SETTING, &raw).map(Arc::from)
         };
         self.cached(
             &self.upstreams,
@@ -330,7 +308,7 @@ impl Secrets {
         &self,
         auth: &ClientAuth,
         within: Duration,
-    ) -> Result<Option<Arc<[String]>>, SecretError> {
+    ) -> Result<Option<Arc<[String]>>, ConfigError> {
         let arn = match auth {
             ClientAuth::Disabled => return Ok(None),
             ClientAuth::Tokens(t) => return Ok(Some(Arc::from(t.as_slice()))),
@@ -340,7 +318,7 @@ impl Secrets {
         let read = |until| async move {
             let tokens = parse_tokens(&self.read(SETTING, arn, within, until).await?);
             if tokens.is_empty() {
-                return Err(definite(SETTING, "holds no tokens"));
+                return Err(ConfigError::new(SETTING, "holds no tokens"));
             }
             Ok(Arc::from(tokens))
         };
@@ -367,11 +345,11 @@ impl Secrets {
         (stale, same): (bool, fn(&T, &T) -> bool),
         within: Duration,
         read: F,
-    ) -> Result<T, SecretError>
+    ) -> Result<T, ConfigError>
     where
         T: Clone,
         F: FnOnce(tokio::time::Instant) -> Fut,
-        Fut: Future<Output = Result<T, SecretError>>,
+        Fut: Future<Output = Result<T, ConfigError>>,
     {
         let until = tokio::time::Instant::now() + within;
         let mut guard = tokio::time::timeout_at(until, cell.lock())
@@ -400,16 +378,15 @@ impl Secrets {
         arn: &str,
         within: Duration,
         until: tokio::time::Instant,
-    ) -> Result<String, SecretError> {
-        let client = self
-            .client
-            .as_ref()
-            .ok_or_else(|| definite(setting, "cannot be read: no Secrets Manager client"))?;
+    ) -> Result<String, ConfigError> {
+        let client = self.client.as_ref().ok_or_else(|| {
+            ConfigError::new(setting, "cannot be read: no Secrets Manager client")
+        })?;
         let call = client.get_secret_value().secret_id(arn).send();
         let out = match tokio::time::timeout_at(until, call).await {
             Err(_) => return Err(timed_out(setting, within)),
             Ok(Err(e)) => {
-                return Err(SecretError {
+                return Err(ConfigError {
                     setting,
                     problem: UNREADABLE.into(),
                     detail: describe(&e),
@@ -420,7 +397,7 @@ impl Secrets {
         };
         out.secret_string()
             .map(str::to_owned)
-            .ok_or_else(|| definite(setting, "holds no string value (SecretString)"))
+            .ok_or_else(|| ConfigError::new(setting, "holds no string value (SecretString)"))
     }
 }
 
@@ -438,26 +415,14 @@ fn log_failure(arn: &str, f: &Failure, keeps_value: bool) {
     }
 }
 
-/// A problem with the secret itself: the caller may see it (it holds no value).
-fn definite(setting: &'static str, problem: &str) -> SecretError {
-    SecretError {
-        setting,
-        problem: problem.to_owned(),
-        detail: problem.to_owned(),
-        transient: false,
-    }
-}
-
-fn timed_out(setting: &'static str, within: Duration) -> SecretError {
+fn timed_out(setting: &'static str, within: Duration) -> ConfigError {
     let problem = format!(
         "could not be read from Secrets Manager within {} ms",
         within.as_millis()
     );
-    SecretError {
-        setting,
-        detail: problem.clone(),
-        problem,
+    ConfigError {
         transient: true,
+        ..ConfigError::new(setting, problem)
     }
 }
 
@@ -576,8 +541,8 @@ mod tests {
         assert!(parse_tokens("{broken").is_empty());
     }
 
-    fn failed(transient: bool) -> SecretError {
-        SecretError {
+    fn failed(transient: bool) -> ConfigError {
+        ConfigError {
             setting: "PROXY_API_KEYS_SECRET_ARN",
             problem: UNREADABLE.into(),
             detail: "AccessDeniedException: User: arn:aws:sts::123456789012:assumed-role/r".into(),

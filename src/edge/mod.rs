@@ -131,9 +131,11 @@ impl Proxy {
                     settings,
                     upstream,
                 })
-                .map_err(|_| ConfigError {
-                    setting: "OPENAI_BASE_URL",
-                    problem: "could not be used to build the HTTP client".into(),
+                .map_err(|_| {
+                    ConfigError::new(
+                        "OPENAI_BASE_URL",
+                        "could not be used to build the HTTP client",
+                    )
                 })
         });
         if let Err(e) = &state {
@@ -337,7 +339,7 @@ impl Proxy {
             body,
         } = admitted;
         let on = |r: Rejection| r.on(route.path, model.clone());
-        let config = |e: crate::secrets::SecretError| on(Rejection::config(e.setting, &e.problem));
+        let config = |e: ConfigError| on(Rejection::config(e.setting, &e.problem));
         let list = self
             .upstream_list(ready, call.within)
             .await

@@ -10,12 +10,9 @@ use serde_json::Value;
 use super::finish::log_attempt;
 use super::routes::Route;
 use super::{Proxy, Ready};
-use crate::config::{KeySource, Settings};
+use crate::config::{ConfigError, KeySource, Settings};
 use crate::deadline::Deadline;
-use crate::retry::{
-    AttemptPlan, AttemptRecord, Clock, RetryEngine, RetryPolicy, RetryRun, RunOutcome,
-};
-use crate::secrets::SecretError;
+use crate::retry::{AttemptPlan, AttemptRecord, Clock, RetryRun, RunOutcome};
 use crate::upstream::{Attempt, ForwardRequest, LiveStream};
 use crate::upstreams::naming::{Naming, naming};
 use crate::upstreams::routing::Router;
@@ -84,7 +81,7 @@ impl Proxy {
         &self,
         ready: &Ready,
         within: std::time::Duration,
-    ) -> Result<Arc<[UpstreamSpec]>, SecretError> {
+    ) -> Result<Arc<[UpstreamSpec]>, ConfigError> {
         match &ready.settings.upstreams {
             UpstreamsSource::List(list) => Ok(Arc::from(list.as_slice())),
             UpstreamsSource::SecretArn(arn) => {
@@ -103,7 +100,7 @@ impl Proxy {
         list: &[UpstreamSpec],
         rejected: Option<usize>,
         within: std::time::Duration,
-    ) -> Result<Vec<Arc<str>>, SecretError> {
+    ) -> Result<Vec<Arc<str>>, ConfigError> {
         let mut keys = Vec::with_capacity(list.len());
         for (i, spec) in list.iter().enumerate() {
             let again = rejected == Some(i);
@@ -151,15 +148,7 @@ impl Proxy {
         offset: u32,
     ) -> RetryRun {
         let settings = &ready.settings;
-        let engine = RetryEngine {
-            policy: RetryPolicy {
-                max_attempts: settings.retry_max_attempts.saturating_sub(offset),
-                base_delay_ms: settings.retry_base_delay_ms,
-                max_delay_ms: settings.retry_max_delay_ms,
-            },
-            min_attempt_ms: settings.min_attempt_ms,
-            attempt_timeout_ms: settings.attempt_timeout_ms,
-        };
+        let engine = settings.retry_engine().after_attempts(offset);
         let router = Router {
             breakers: &ready.breakers,
             latency: &ready.latency,

@@ -1,18 +1,23 @@
 //! The retry loop, bounded by the deadline (spec §3, §4), over the upstreams of §11.
 //!
+//! A thin loop: claim the upstream from its breaker, make the attempt, tell the breaker and the
+//! latency book, then ask [`decide`] what follows and sleep or stop. Every rule lives in
+//! [`decide`] (and in [`Rotation`], where the next attempt goes); the clock, the sleep and the
+//! randomness are injected, so the loop runs in virtual time in the tests.
+//!
 //! Invariants (checked by the property test below): the loop never starts an attempt with less
 //! than `MIN_ATTEMPT_MS` left, never starts a sleep after which less than that would remain,
 //! never lets an attempt's timeout pass the deadline, and never makes more than
 //! `RETRY_MAX_ATTEMPTS` attempts, on all upstreams together. So it always finishes by the
-//! deadline. Which upstream and model each attempt goes to is [`Rotation`]'s pure decision;
-//! the breakers and latency estimates are reached through [`Routing`].
+//! deadline.
 
 use std::future::Future;
 
+use super::decide::{Decided, Ended, Next, Stop, decide};
 use super::policy::{self, Jitter, RetryPolicy, Verdict};
 use super::{AttemptOutcome, FailureKind, UpstreamReply};
 use crate::upstreams::breaker::{Admission, Report};
-use crate::upstreams::fallback::{Move, Rotation, Target, hopeless};
+use crate::upstreams::fallback::{Move, Rotation, Target, switches};
 use crate::upstreams::routing::{OneUpstream, Routing};
 
 /// Milliseconds since the Unix epoch, injected.
@@ -25,7 +30,7 @@ pub trait Sleeper {
     fn sleep(&self, ms: u64) -> impl Future<Output = ()> + Send;
 }
 
-/// The engine's settings.
+/// The engine's settings (`RETRY_*`, `MIN_ATTEMPT_MS`, `ATTEMPT_TIMEOUT_MS`).
 #[derive(Clone, Copy, Debug)]
 pub struct RetryEngine {
     pub policy: RetryPolicy,
@@ -33,6 +38,21 @@ pub struct RetryEngine {
     pub min_attempt_ms: u64,
     /// `ATTEMPT_TIMEOUT_MS`, if set.
     pub attempt_timeout_ms: Option<u64>,
+}
+
+impl RetryEngine {
+    /// The same engine for a run that follows `spent` attempts of the same request (after a key
+    /// refresh): they count against the same `RETRY_MAX_ATTEMPTS`.
+    pub fn after_attempts(self, spent: u32) -> RetryEngine {
+        let max_attempts = self.policy.max_attempts.saturating_sub(spent);
+        RetryEngine {
+            policy: RetryPolicy {
+                max_attempts,
+                ..self.policy
+            },
+            ..self
+        }
+    }
 }
 
 /// What the attempt closure is told: which attempt, how long it may take at most, and where it
@@ -44,6 +64,7 @@ pub struct AttemptPlan {
     pub target: Target,
 }
 
+/// The log's `decision`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decision {
     Done,
@@ -107,6 +128,41 @@ pub struct AttemptRecord {
     pub expected_ms: Option<u64>,
 }
 
+impl AttemptRecord {
+    /// The record of the attempt `plan` that ran from `begin` to `end` and what was decided.
+    fn new(
+        plan: AttemptPlan,
+        outcome: &AttemptOutcome,
+        span: (u64, u64),
+        deadline_ms: u64,
+        decided: &Decided,
+    ) -> AttemptRecord {
+        let (begin, end) = span;
+        let (status, upstream_request_id, error_kind) = match outcome {
+            AttemptOutcome::Reply(r) => (Some(r.status), r.request_id().map(str::to_owned), None),
+            AttemptOutcome::Failed { kind, .. } => (None, None, Some(*kind)),
+        };
+        let decision = match decided.next {
+            Next::Stop(Stop::Final) => Decision::Done,
+            Next::Stop(Stop::GiveUp(_)) => Decision::GiveUp,
+            Next::Retry { .. } | Next::Switch => Decision::Retry,
+        };
+        AttemptRecord {
+            attempt: plan.number,
+            target: plan.target,
+            status,
+            error_kind,
+            latency_ms: end.saturating_sub(begin),
+            upstream_request_id,
+            decision,
+            reason: decided.reason.clone(),
+            next_delay_ms: decided.next.wait_ms(),
+            remaining_ms: deadline_ms.saturating_sub(end),
+            expected_ms: decided.expected_ms,
+        }
+    }
+}
+
 /// How the run ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RunOutcome {
@@ -127,15 +183,22 @@ pub enum RunOutcome {
     Unsendable { detail: String },
 }
 
-/// What follows an attempt.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Next {
-    /// A final answer: pass it on.
-    Done,
-    /// Sleep `wait_ms`, then try again.
-    Retry { wait_ms: u64 },
-    /// Retryable, but no further attempt fits.
-    GiveUp(GiveUpReason),
+impl RunOutcome {
+    /// How a run that stopped after `last` ended.
+    fn stopped(stop: Stop, last: AttemptOutcome, retry_after_ms: Option<u64>) -> RunOutcome {
+        match (stop, last) {
+            (Stop::GiveUp(reason), last) => RunOutcome::GaveUp {
+                reason,
+                last,
+                retry_after_ms,
+            },
+            (Stop::Final, AttemptOutcome::Reply(reply)) => RunOutcome::Answer(reply),
+            // The only final failure: the request could not be built.
+            (Stop::Final, AttemptOutcome::Failed { detail, .. }) => {
+                RunOutcome::Unsendable { detail }
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -143,7 +206,8 @@ pub struct RetryRun {
     pub outcome: RunOutcome,
     pub attempts: Vec<AttemptRecord>,
     pub elapsed_ms: u64,
-    /// Moves to another upstream or model (`x-proxy-fallbacks`, `Fallbacks`).
+    /// Moves from one attempt's upstream or model to the next one's (`x-proxy-fallbacks`,
+    /// `Fallbacks`): only moves an attempt followed.
     pub switches: u32,
     /// An open breaker made the run skip an upstream or refuse the request (`CircuitOpen`).
     pub circuit_open: bool,
@@ -163,21 +227,45 @@ impl RetryRun {
             skipped: 0,
         }
     }
+
+    /// The run that ended with `outcome` after `attempts`, `elapsed_ms` after it started.
+    fn ended(
+        outcome: RunOutcome,
+        attempts: Vec<AttemptRecord>,
+        rotation: &Rotation,
+        elapsed_ms: u64,
+    ) -> RetryRun {
+        let skipped = matches!(
+            outcome,
+            RunOutcome::GaveUp {
+                reason: GiveUpReason::ExpectedLatencyExceedsBudget,
+                ..
+            }
+        );
+        RetryRun {
+            outcome,
+            switches: switches(attempts.iter().map(|a| a.target)),
+            attempts,
+            elapsed_ms,
+            circuit_open: rotation.skipped_open(),
+            skipped: u32::from(skipped),
+        }
+    }
 }
 
-/// What the loop knows after an attempt was decided.
-struct Decided {
-    record: AttemptRecord,
-    next: Next,
-    rotation: Rotation,
-    retry_after: Option<u64>,
-    /// Every upstream's breaker is open: the next attempt carries on where this one went.
-    none_available: bool,
+/// Whether the next attempt may go to the rotation's current upstream.
+enum Claim {
+    /// Yes; `probe`: as the breaker's half-open probe (its result must be reported).
+    Go { probe: bool },
+    /// The breaker refused (it opened, or another request holds its probe): go there instead.
+    Elsewhere(Rotation),
+    /// Every breaker is open and no attempt was made yet.
+    CircuitOpen { retry_after_ms: u64 },
 }
 
 /// Refusals by breakers (races with other requests) tolerated per upstream before a request
 /// treats every upstream as open.
-const MAX_REFUSALS_PER_UPSTREAM: usize = 2;
+const MAX_REFUSALS_PER_UPSTREAM: u32 = 2;
 
 impl RetryEngine {
     /// The v1 loop over one upstream: [`RetryEngine::run_routed`] with [`OneUpstream`].
@@ -194,12 +282,13 @@ impl RetryEngine {
         A: FnMut(AttemptPlan) -> Fut,
         Fut: Future<Output = AttemptOutcome>,
     {
+        let routing = &OneUpstream;
         self.run_routed(
             deadline_ms,
             clock,
             sleeper,
             jitter,
-            &OneUpstream,
+            routing,
             attempt,
             on_attempt,
         )
@@ -225,268 +314,152 @@ impl RetryEngine {
         Fut: Future<Output = AttemptOutcome>,
     {
         let started = clock.now_ms();
-        let remaining = deadline_ms.saturating_sub(started);
-        if remaining < self.min_attempt() {
-            let outcome = RunOutcome::NoTimeToStart {
-                remaining_ms: remaining,
-            };
-            return RetryRun::empty(outcome);
-        }
-        let Some(mut rotation) = Rotation::start(
-            &routing.available(started),
-            routing.models(),
-            routing.fallback_after(),
-        ) else {
-            let retry_after_ms = routing.wait_until_first_reopens(started);
-            return RetryRun::empty(RunOutcome::CircuitOpen { retry_after_ms });
+        let mut rotation = match self.start(deadline_ms, started, routing) {
+            Ok(rotation) => rotation,
+            Err(outcome) => return RetryRun::empty(outcome),
         };
-        let mut run = RetryRun::empty(RunOutcome::NoTimeToStart { remaining_ms: 0 });
-        let mut number = 0;
-        let mut refusals = 0;
-        // Every breaker is open but this request already runs: it keeps to its upstream (its
-        // own retries are not refused; the breakers then only turn away new requests).
-        let mut carry_on = false;
-        let mut last_target: Option<Target> = None;
+        let (mut attempts, mut refusals) = (Vec::<AttemptRecord>::new(), 0);
         loop {
             let begin = clock.now_ms();
-            let target = rotation.current();
-            let admission = match carry_on {
-                true => Admission::Probe,
-                false => routing.admit(target.upstream, begin),
-            };
-            let probe = match admission {
-                Admission::Allowed => false,
-                Admission::Probe => true,
-                Admission::Refused { .. } => {
-                    // Another request took the probe, or the breaker opened since the plan.
-                    let (next, mv) = rotation.after_refusal(&routing.available(begin));
-                    refusals += 1;
-                    let stuck =
-                        mv == Move::NoneAvailable || refusals > 2 * MAX_REFUSALS_PER_UPSTREAM;
-                    rotation = match (stuck, last_target) {
-                        (false, _) => next,
-                        (true, Some(t)) => {
-                            carry_on = true;
-                            next.resume(t)
-                        }
-                        (true, None) => {
-                            let retry_after_ms = routing.wait_until_first_reopens(begin);
-                            let mut run =
-                                RetryRun::empty(RunOutcome::CircuitOpen { retry_after_ms });
-                            run.elapsed_ms = begin.saturating_sub(started);
-                            return run;
-                        }
-                    };
+            let last = attempts.last().map(|a| a.target);
+            let probe = match claim(&rotation, routing, begin, refusals, last) {
+                Claim::Go { probe } => probe,
+                Claim::Elsewhere(next) => {
+                    (rotation, refusals) = (next, refusals + 1);
                     continue;
                 }
+                Claim::CircuitOpen { retry_after_ms } => {
+                    let mut run = RetryRun::empty(RunOutcome::CircuitOpen { retry_after_ms });
+                    run.elapsed_ms = begin.saturating_sub(started);
+                    return run;
+                }
             };
-            last_target = Some(target);
-            number += 1;
-            let remaining = deadline_ms.saturating_sub(begin);
-            let timeout_ms = self
-                .attempt_timeout_ms
-                .map_or(remaining, |t| t.min(remaining));
-            let plan = AttemptPlan {
-                number,
-                timeout_ms,
-                target,
-            };
+            let plan = self.plan(
+                attempts.len() as u32 + 1,
+                rotation.current(),
+                begin,
+                deadline_ms,
+            );
             let outcome = attempt(plan).await;
             let end = clock.now_ms();
-            let decided = self.decide(
+            tell(
+                routing,
                 plan,
+                probe,
                 &outcome,
-                begin,
+                end.saturating_sub(begin),
                 end,
+            );
+            let ended = Ended {
+                number: plan.number,
+                outcome: &outcome,
+                now_ms: end,
+            };
+            let available = routing.available(end);
+            let expected_ms = |target| routing.expected_ms(target);
+            let decided = decide(
+                self,
+                &ended,
                 deadline_ms,
                 &rotation,
-                probe,
-                routing,
+                &available,
+                expected_ms,
                 jitter,
             );
-            let Decided {
-                record,
-                next,
-                rotation: next_rotation,
-                retry_after,
-                none_available,
-            } = decided;
-            carry_on = none_available;
+            let record = AttemptRecord::new(plan, &outcome, (begin, end), deadline_ms, &decided);
             on_attempt(&record);
-            run.attempts.push(record);
-            rotation = next_rotation;
-            run.switches = rotation.switches();
-            run.circuit_open = rotation.skipped_open();
-            run.elapsed_ms = end.saturating_sub(started);
-            match next {
-                Next::Retry { wait_ms } => {
-                    sleeper.sleep(wait_ms).await;
-                    continue;
-                }
-                Next::GiveUp(reason) => {
-                    run.skipped = u32::from(reason == GiveUpReason::ExpectedLatencyExceedsBudget);
-                    run.outcome = RunOutcome::GaveUp {
-                        reason,
-                        last: outcome,
-                        retry_after_ms: retry_after,
-                    };
-                }
-                Next::Done => {
-                    run.outcome = match outcome {
-                        AttemptOutcome::Reply(reply) => RunOutcome::Answer(reply),
-                        // The only final failure: the request could not be built.
-                        AttemptOutcome::Failed { detail, .. } => RunOutcome::Unsendable { detail },
-                    };
-                }
-            }
-            return run;
+            attempts.push(record);
+            rotation = decided.rotation;
+            let Next::Stop(stop) = decided.next else {
+                sleeper.sleep(decided.next.wait_ms().unwrap_or(0)).await;
+                continue;
+            };
+            let outcome = RunOutcome::stopped(stop, outcome, decided.retry_after_ms);
+            return RetryRun::ended(outcome, attempts, &rotation, end.saturating_sub(started));
         }
     }
 
-    /// Classifies one attempt, tells the breaker and the latency book, and decides what follows.
-    #[allow(clippy::too_many_arguments)]
-    fn decide(
+    /// Where the first attempt goes, or why there is none.
+    fn start(
         &self,
-        plan: AttemptPlan,
-        outcome: &AttemptOutcome,
-        begin: u64,
-        end: u64,
         deadline_ms: u64,
-        rotation: &Rotation,
-        probe: bool,
+        now_ms: u64,
         routing: &impl Routing,
-        jitter: &mut impl Jitter,
-    ) -> Decided {
-        let remaining = deadline_ms.saturating_sub(end);
-        let (status, upstream_request_id, error_kind) = match outcome {
-            AttemptOutcome::Reply(r) => (Some(r.status), r.request_id().map(str::to_owned), None),
-            AttemptOutcome::Failed { kind, .. } => (None, None, Some(*kind)),
-        };
-        let mut record = AttemptRecord {
-            attempt: plan.number,
-            target: plan.target,
-            status,
-            error_kind,
-            latency_ms: end.saturating_sub(begin),
-            upstream_request_id,
-            decision: Decision::Done,
-            reason: String::new(),
-            next_delay_ms: None,
-            remaining_ms: remaining,
-            expected_ms: None,
-        };
-        let retry_after = match outcome {
-            AttemptOutcome::Reply(r) => policy::retry_after_ms(r, end),
-            AttemptOutcome::Failed { .. } => None,
-        };
-        let verdict = policy::verdict(outcome);
-        let report = match verdict {
-            Verdict::Final(_) => Report::Healthy,
-            Verdict::Retryable(_) => Report::Failed,
-        };
-        routing.report(plan.target.upstream, end, probe, report);
-        if status.is_some_and(|s| (200..300).contains(&s)) {
-            routing.learn(plan.target, record.latency_ms);
+    ) -> Result<Rotation, RunOutcome> {
+        let remaining_ms = deadline_ms.saturating_sub(now_ms);
+        if remaining_ms < self.min_attempt() {
+            return Err(RunOutcome::NoTimeToStart { remaining_ms });
         }
-        let mut none_available = false;
-        let (next, rotation) = match verdict {
-            Verdict::Final(reason) => {
-                record.reason = reason.to_owned();
-                (Next::Done, rotation.clone())
-            }
-            Verdict::Retryable(reason) => {
-                let at_once = status == Some(429) || error_kind == Some(FailureKind::Connect);
-                let (rotation, mv) = rotation.after_retryable(at_once, &routing.available(end));
-                none_available = mv == Move::NoneAvailable;
-                // Only a timeout that ran until the deadline was cut by it; a timeout that
-                // ended earlier (ATTEMPT_TIMEOUT_MS, a connect timeout) is a failure like any.
-                let cut_by_deadline = error_kind == Some(FailureKind::Timeout) && remaining == 0;
-                let expected = routing.expected_ms(rotation.current());
-                let next = self.after_retryable(
-                    plan.number,
-                    remaining,
-                    retry_after,
-                    cut_by_deadline,
-                    mv,
-                    expected,
-                    jitter,
-                );
-                record.reason = match next {
-                    Next::GiveUp(GiveUpReason::ExpectedLatencyExceedsBudget) => {
-                        record.expected_ms = expected;
-                        GiveUpReason::ExpectedLatencyExceedsBudget
-                            .as_str()
-                            .to_owned()
-                    }
-                    Next::GiveUp(why) => format!("{reason}; {}", why.as_str()),
-                    _ => reason.to_owned(),
-                };
-                (next, rotation)
-            }
-        };
-        record.decision = match next {
-            Next::Done => Decision::Done,
-            Next::GiveUp(_) => Decision::GiveUp,
-            Next::Retry { wait_ms } => {
-                record.next_delay_ms = Some(wait_ms);
-                Decision::Retry
-            }
-        };
-        Decided {
-            record,
-            next,
-            rotation,
-            retry_after,
-            none_available,
+        let available = routing.available(now_ms);
+        Rotation::start(&available, routing.models(), routing.fallback_after()).ok_or_else(|| {
+            let retry_after_ms = routing.wait_until_first_reopens(now_ms);
+            RunOutcome::CircuitOpen { retry_after_ms }
+        })
+    }
+
+    /// Attempt `number` at `target`, starting at `now_ms`: its timeout is `ATTEMPT_TIMEOUT_MS`,
+    /// cut at the deadline (spec §4).
+    fn plan(&self, number: u32, target: Target, now_ms: u64, deadline_ms: u64) -> AttemptPlan {
+        let remaining = deadline_ms.saturating_sub(now_ms);
+        AttemptPlan {
+            number,
+            timeout_ms: self
+                .attempt_timeout_ms
+                .map_or(remaining, |t| t.min(remaining)),
+            target,
         }
     }
 }
 
-impl RetryEngine {
-    /// An attempt needs at least 1 ms even when `MIN_ATTEMPT_MS` is 0.
-    fn min_attempt(&self) -> u64 {
-        self.min_attempt_ms.max(1)
+/// Claims the rotation's current upstream from its breaker at `now_ms`. A request that already
+/// made attempts when every breaker opened carries on where its last attempt went (its own
+/// retries are not refused; the breakers then only turn away new requests).
+fn claim(
+    rotation: &Rotation,
+    routing: &impl Routing,
+    now_ms: u64,
+    refusals: u32,
+    last: Option<Target>,
+) -> Claim {
+    let admission = match rotation.carries_on() {
+        true => Admission::Probe,
+        false => routing.admit(rotation.current().upstream, now_ms),
+    };
+    match admission {
+        Admission::Allowed => Claim::Go { probe: false },
+        Admission::Probe => Claim::Go { probe: true },
+        Admission::Refused { .. } => {
+            let (next, mv) = rotation.after_refusal(&routing.available(now_ms));
+            let stuck = mv == Move::NoneAvailable || refusals + 1 > 2 * MAX_REFUSALS_PER_UPSTREAM;
+            match (stuck, last) {
+                (false, _) => Claim::Elsewhere(next),
+                (true, Some(target)) => Claim::Elsewhere(next.resume(target)),
+                (true, None) => Claim::CircuitOpen {
+                    retry_after_ms: routing.wait_until_first_reopens(now_ms),
+                },
+            }
+        }
     }
+}
 
-    /// After a retryable failure: the wait before the next attempt, or why there is none.
-    /// `cut_by_deadline`: the attempt was still waiting on the upstream when the deadline came.
-    /// `mv`: where the next attempt goes ([`Move::Switch`] goes at once, without a backoff).
-    /// `expected_ms`: the next attempt's expected latency, when hopeless attempts are skipped.
-    #[allow(clippy::too_many_arguments)]
-    fn after_retryable(
-        &self,
-        number: u32,
-        remaining: u64,
-        retry_after: Option<u64>,
-        cut_by_deadline: bool,
-        mv: Move,
-        expected_ms: Option<u64>,
-        jitter: &mut impl Jitter,
-    ) -> Next {
-        let min_attempt = self.min_attempt();
-        let switching = mv == Move::Switch;
-        let wait = match switching {
-            true => 0,
-            false => retry_after.unwrap_or_else(|| self.policy.backoff_ms(number, jitter)),
-        };
-        let left_after_wait = remaining.saturating_sub(wait);
-        let time_for_attempt = self
-            .attempt_timeout_ms
-            .map_or(left_after_wait, |t| t.min(left_after_wait));
-        let why = if cut_by_deadline {
-            GiveUpReason::DeadlineReached
-        } else if number >= self.policy.max_attempts {
-            GiveUpReason::AttemptsExhausted
-        } else if !switching && retry_after.is_some_and(|w| w > remaining) {
-            GiveUpReason::RetryAfterPastDeadline
-        } else if left_after_wait < min_attempt {
-            GiveUpReason::BudgetExhausted
-        } else if hopeless(true, true, expected_ms, time_for_attempt).is_some() {
-            GiveUpReason::ExpectedLatencyExceedsBudget
-        } else {
-            return Next::Retry { wait_ms: wait };
-        };
-        Next::GiveUp(why)
+/// Tells the breaker what the attempt showed, and the latency book how long a success took.
+fn tell(
+    routing: &impl Routing,
+    plan: AttemptPlan,
+    probe: bool,
+    outcome: &AttemptOutcome,
+    latency_ms: u64,
+    now_ms: u64,
+) {
+    let report = match policy::verdict(outcome) {
+        Verdict::Final(_) => Report::Healthy,
+        Verdict::Retryable(_) => Report::Failed,
+    };
+    routing.report(plan.target.upstream, now_ms, probe, report);
+    if let AttemptOutcome::Reply(r) = outcome
+        && (200..300).contains(&r.status)
+    {
+        routing.learn(plan.target, latency_ms);
     }
 }
 
@@ -1087,7 +1060,17 @@ mod tests {
             /// Runs one request; `scripts[i]` is upstream i's answers in order (then 200s).
             fn run(
                 &self,
-                router: &Router<'_>,
+                router: &impl Routing,
+                budget_ms: u64,
+                scripts: Vec<Vec<Step>>,
+            ) -> (RetryRun, Vec<AttemptPlan>, Vec<u64>) {
+                self.run_engine(engine(), router, budget_ms, scripts)
+            }
+
+            fn run_engine(
+                &self,
+                engine: RetryEngine,
+                router: &impl Routing,
                 budget_ms: u64,
                 scripts: Vec<Vec<Step>>,
             ) -> (RetryRun, Vec<AttemptPlan>, Vec<u64>) {
@@ -1102,7 +1085,7 @@ mod tests {
                     log: Default::default(),
                 };
                 let deadline = self.clock.now_ms() + budget_ms;
-                let run = rt.block_on(engine().run_routed(
+                let run = rt.block_on(engine.run_routed(
                     deadline,
                     &self.clock,
                     &sleeps,
@@ -1270,6 +1253,126 @@ mod tests {
             assert_eq!(targets(&plans), [(1, 0)]);
             assert!(run.circuit_open);
             assert_eq!(run.switches, 0);
+        }
+
+        /// Another invocation claims `upstream`'s half-open probe just before this request asks
+        /// for it (two concurrent invocations racing for the probe, made deterministic): the
+        /// upstream looked available when the run chose it, and its breaker then refuses.
+        struct ProbeTakenByAnother<'a> {
+            router: Router<'a>,
+            upstream: usize,
+        }
+
+        impl Routing for ProbeTakenByAnother<'_> {
+            fn models(&self) -> usize {
+                self.router.models()
+            }
+            fn fallback_after(&self) -> u32 {
+                self.router.fallback_after()
+            }
+            fn available(&self, now_ms: u64) -> Vec<bool> {
+                self.router.available(now_ms)
+            }
+            fn admit(&self, upstream: usize, now_ms: u64) -> Admission {
+                if upstream == self.upstream {
+                    // The other invocation's claim; it wins the race (or was refused).
+                    let _ = self.router.admit(upstream, now_ms);
+                }
+                self.router.admit(upstream, now_ms)
+            }
+            fn report(&self, upstream: usize, now_ms: u64, probe: bool, report: Report) {
+                self.router.report(upstream, now_ms, probe, report)
+            }
+            fn wait_until_first_reopens(&self, now_ms: u64) -> u64 {
+                self.router.wait_until_first_reopens(now_ms)
+            }
+            fn expected_ms(&self, target: Target) -> Option<u64> {
+                self.router.expected_ms(target)
+            }
+            fn learn(&self, target: Target, latency_ms: u64) {
+                self.router.learn(target, latency_ms)
+            }
+        }
+
+        /// Opens `upstream`'s breaker (5 failures) and lets its cooldown pass: it half-opens
+        /// for the first request that asks.
+        fn cooled_down(env: &Env, upstream: usize) {
+            for _ in 0..5 {
+                let name = format!("u{upstream}");
+                env.breakers
+                    .record(&name, env.clock.now_ms(), false, Report::Failed);
+            }
+            env.clock.advance(10_000);
+        }
+
+        #[test]
+        fn fallbacks_count_only_switches_an_attempt_followed_when_a_probe_race_is_lost() {
+            // u0 answers 429: the run switches to u1, which looked available (its cooldown
+            // ended) but whose probe another request takes first; the attempt goes to u2.
+            // One switch (u0 → u2), not two.
+            let env = Env::new(5);
+            cooled_down(&env, 1);
+            let racing = ProbeTakenByAnother {
+                router: env.router(3, &["gpt-4o"], true),
+                upstream: 1,
+            };
+            let (run, plans, _) =
+                env.run(&racing, 30_000, vec![vec![status(429, 10)], vec![], vec![]]);
+            assert_eq!(targets(&plans), [(0, 0), (2, 0)]);
+            assert!(matches!(run.outcome, RunOutcome::Answer(ref r) if r.status == 200));
+            assert_eq!(run.switches, 1, "x-proxy-fallbacks");
+            assert!(run.circuit_open, "the refused upstream was skipped");
+
+            // Two upstreams: refused on u1, the run starts over on u0. Both attempts went to
+            // u0: no switch at all.
+            let env = Env::new(5);
+            cooled_down(&env, 1);
+            let racing = ProbeTakenByAnother {
+                router: env.router(2, &["gpt-4o"], true),
+                upstream: 1,
+            };
+            let scripts = vec![vec![status(429, 10), status(200, 10)], vec![]];
+            let (run, plans, _) = env.run(&racing, 30_000, scripts);
+            assert_eq!(targets(&plans), [(0, 0), (0, 0)]);
+            assert_eq!(run.switches, 0, "x-proxy-fallbacks");
+
+            // The race at the first attempt: the request starts on u1, no switch either.
+            let env = Env::new(5);
+            cooled_down(&env, 0);
+            let racing = ProbeTakenByAnother {
+                router: env.router(2, &["gpt-4o"], true),
+                upstream: 0,
+            };
+            let (run, plans, _) = env.run(&racing, 30_000, vec![vec![], vec![]]);
+            assert_eq!(targets(&plans), [(1, 0)]);
+            assert_eq!(run.switches, 0, "x-proxy-fallbacks");
+            assert!(run.circuit_open);
+        }
+
+        #[test]
+        fn a_switch_planned_after_the_last_attempt_is_not_counted() {
+            // RETRY_MAX_ATTEMPTS=2: two failures on the primary use up the attempts; the move
+            // to the backup that FALLBACK_AFTER_FAILURES=2 would make never happens.
+            let env = Env::new(5);
+            let router = env.router(2, &["gpt-4o"], true);
+            let two_attempts = RetryEngine {
+                policy: RetryPolicy {
+                    max_attempts: 2,
+                    ..engine().policy
+                },
+                ..engine()
+            };
+            let scripts = vec![vec![status(500, 10), status(500, 10)], vec![]];
+            let (run, plans, _) = env.run_engine(two_attempts, &router, 30_000, scripts);
+            assert_eq!(targets(&plans), [(0, 0), (0, 0)]);
+            assert!(matches!(
+                run.outcome,
+                RunOutcome::GaveUp {
+                    reason: GiveUpReason::AttemptsExhausted,
+                    ..
+                }
+            ));
+            assert_eq!(run.switches, 0, "x-proxy-fallbacks");
         }
 
         fn learn(env: &Env, upstream: &str, ms: u64) {

@@ -1,13 +1,16 @@
-//! The retry engine: the pure policy (`policy`) and the deadline-bounded loop (`engine`).
+//! The retry engine: the pure policy (`policy`: what is retryable, how long to wait), the pure
+//! decision after each attempt (`decide`) and the deadline-bounded loop around it (`engine`).
 //!
-//! Neither knows about HTTP clients or Lambda: an attempt is a closure that returns an
+//! None knows about HTTP clients or Lambda: an attempt is a closure that returns an
 //! [`AttemptOutcome`], and the clock, the sleep and the randomness are injected.
 
+pub mod decide;
 pub mod engine;
 pub mod policy;
 
 use bytes::Bytes;
 
+pub use decide::{Decided, Ended, Next, Stop, decide};
 pub use engine::{
     AttemptPlan, AttemptRecord, Clock, Decision, GiveUpReason, RetryEngine, RetryRun, RunOutcome,
     Sleeper,
@@ -87,7 +90,7 @@ impl AttemptOutcome {
     pub fn describe(&self) -> String {
         match self {
             AttemptOutcome::Reply(r) => {
-                let reason = reqwest::StatusCode::from_u16(r.status)
+                let reason = http::StatusCode::from_u16(r.status)
                     .ok()
                     .and_then(|s| s.canonical_reason())
                     .unwrap_or("");

@@ -44,9 +44,8 @@ use lambda_runtime::tower::{Layer, Service};
 use tokio::sync::Notify;
 
 use super::metrics::{DIMENSION, Datum, InvocationMetrics, MetricsSink, Unit};
+use crate::BoxError;
 use crate::retry::epoch_ms;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Longest a `PutMetricData` call may take (connect, SDK retries, answer) before it is given up.
 pub const PUT_TIMEOUT: Duration = Duration::from_secs(3);

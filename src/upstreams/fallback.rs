@@ -43,11 +43,10 @@ pub struct Rotation {
     in_a_row: u32,
     /// Upstreams that failed (were switched away from) for the current model.
     spent: Vec<bool>,
-    /// Times the target changed after the first attempt.
-    switches: u32,
-    attempted: bool,
     /// An upstream that would have been tried was skipped because its breaker was open.
     skipped_open: bool,
+    /// Every breaker is open but the run already made attempts: it carries on where it is.
+    carry_on: bool,
 }
 
 impl Rotation {
@@ -61,9 +60,8 @@ impl Rotation {
             current: Target { upstream, model: 0 },
             in_a_row: 0,
             spent: vec![false; available.len()],
-            switches: 0,
-            attempted: false,
             skipped_open: upstream > 0,
+            carry_on: false,
         })
     }
 
@@ -71,20 +69,22 @@ impl Rotation {
         self.current
     }
 
-    /// How many times the run moved to another upstream or model (`x-proxy-fallbacks`).
-    pub fn switches(&self) -> u32 {
-        self.switches
-    }
-
     /// Whether an open breaker made the run skip an upstream (the `CircuitOpen` metric).
     pub fn skipped_open(&self) -> bool {
         self.skipped_open
     }
 
+    /// Whether every breaker was open when the run had to move on: its next attempt goes where
+    /// the last one went, without asking the breaker (its own retries are not refused; the
+    /// breakers only turn away new requests).
+    pub fn carries_on(&self) -> bool {
+        self.carry_on
+    }
+
     /// After a retryable failure on the current target. `at_once`: a 429 or a connect error.
     pub fn after_retryable(&self, at_once: bool, available: &[bool]) -> (Rotation, Move) {
         let mut next = self.clone();
-        next.attempted = true;
+        next.carry_on = false;
         next.in_a_row += 1;
         let here = available
             .get(self.current.upstream)
@@ -110,10 +110,12 @@ impl Rotation {
         next.away(&available)
     }
 
-    /// Goes back to `target` (where the last attempt went), e.g. when every breaker is open.
+    /// Goes back to `target` (where the last attempt went) when every breaker is open, and
+    /// carries on there.
     pub fn resume(mut self, target: Target) -> Rotation {
         self.current = target;
         self.in_a_row = 0;
+        self.carry_on = true;
         self
     }
 
@@ -130,7 +132,10 @@ impl Rotation {
                 },
                 Move::Switch,
             ),
-            (None, None) => return (self, Move::NoneAvailable),
+            (None, None) => {
+                self.carry_on = true;
+                return (self, Move::NoneAvailable);
+            }
             (None, Some(u)) if self.current.model + 1 < self.models => (
                 Target {
                     upstream: u,
@@ -155,13 +160,27 @@ impl Rotation {
         if target.model != self.current.model || mv == Move::Restart {
             self.spent.iter_mut().for_each(|s| *s = false);
         }
-        if target != self.current && self.attempted {
-            self.switches += 1;
-        }
+        self.carry_on = false;
         self.current = target;
         self.in_a_row = 0;
         (self, mv)
     }
+}
+
+/// How many times consecutive attempts went to different targets (`x-proxy-fallbacks`, the
+/// `Fallbacks` metric): only moves an attempt followed count, not a move planned after the last
+/// attempt nor one to an upstream whose breaker then refused it.
+pub fn switches(attempted: impl IntoIterator<Item = Target>) -> u32 {
+    let mut attempted = attempted.into_iter();
+    let Some(mut previous) = attempted.next() else {
+        return 0;
+    };
+    let mut count = 0;
+    for target in attempted {
+        count += u32::from(target != previous);
+        previous = target;
+    }
+    count
 }
 
 /// The hopeless-attempt rule: a retry is not started when the expected latency of a successful
@@ -198,6 +217,11 @@ mod tests {
         (out, r)
     }
 
+    /// Switches when an attempt follows the start and every step of a walk.
+    fn switches_over(start: Target, steps: &[(Target, Move)]) -> u32 {
+        switches(std::iter::once(start).chain(steps.iter().map(|(target, _)| *target)))
+    }
+
     #[test]
     fn starts_on_the_first_available_upstream_or_nowhere() {
         assert_eq!(Rotation::start(&ALL, 1, 2).unwrap().current(), t(0, 0));
@@ -209,11 +233,8 @@ mod tests {
         );
         assert_eq!(Rotation::start(&[false, false], 1, 2), None);
         let r = Rotation::start(&[false, true], 1, 2).unwrap();
-        assert_eq!(
-            r.switches(),
-            0,
-            "starting past an open breaker is not a switch"
-        );
+        assert!(r.skipped_open(), "starting past an open breaker is a skip");
+        assert_eq!(switches([r.current()]), 0, "not a switch");
     }
 
     #[test]
@@ -230,7 +251,7 @@ mod tests {
                 (t(2, 0), Move::Switch),
             ]
         );
-        assert_eq!(r.switches(), 2);
+        assert_eq!(switches_over(t(0, 0), &steps), 2);
     }
 
     #[test]
@@ -255,7 +276,7 @@ mod tests {
     #[test]
     fn model_fallback_once_every_upstream_failed_for_the_model() {
         let r = Rotation::start(&[true, true], 3, 1).unwrap();
-        let (steps, r) = walk(r, &[false; 7], &[true, true]);
+        let (steps, _) = walk(r, &[false; 7], &[true, true]);
         assert_eq!(
             steps,
             [
@@ -269,27 +290,46 @@ mod tests {
                 (t(1, 2), Move::Switch),
             ]
         );
-        assert_eq!(r.switches(), 7);
+        assert_eq!(switches_over(t(0, 0), &steps), 7);
     }
 
     #[test]
     fn one_upstream_without_fallbacks_behaves_like_plain_retries() {
         let one = [true];
         let r = Rotation::start(&one, 1, 2).unwrap();
-        let (steps, r) = walk(r, &[false, true, false, false, true], &one);
+        let (steps, _) = walk(r, &[false, true, false, false, true], &one);
         assert!(
             steps
                 .iter()
                 .all(|(target, mv)| *target == t(0, 0) && matches!(mv, Move::Stay | Move::Restart))
         );
-        assert_eq!(r.switches(), 0);
+        assert_eq!(switches_over(t(0, 0), &steps), 0);
     }
 
     #[test]
-    fn nothing_available_is_reported() {
+    fn nothing_available_is_reported_and_the_run_carries_on_where_it_is() {
         let r = Rotation::start(&[true, true], 2, 1).unwrap();
-        let (_, mv) = r.after_retryable(false, &[false, false]);
-        assert_eq!(mv, Move::NoneAvailable);
+        assert!(!r.carries_on());
+        let (r, mv) = r.after_retryable(false, &[false, false]);
+        assert_eq!((r.current(), mv), (t(0, 0), Move::NoneAvailable));
+        assert!(r.carries_on());
+        // A breaker closed again: the run moves on as usual.
+        let (r, mv) = r.after_retryable(false, &[false, true]);
+        assert_eq!((r.current(), mv), (t(1, 0), Move::Switch));
+        assert!(!r.carries_on());
+        // Refused everywhere: back to where the last attempt went, and carry on there.
+        let r = r.resume(t(0, 0));
+        assert_eq!(r.current(), t(0, 0));
+        assert!(r.carries_on());
+    }
+
+    #[test]
+    fn only_moves_an_attempt_followed_are_switches() {
+        assert_eq!(switches([]), 0);
+        assert_eq!(switches([t(0, 0), t(0, 0)]), 0);
+        assert_eq!(switches([t(0, 0), t(1, 0), t(1, 0), t(0, 1)]), 2);
+        // Back where a run started (a restart, or carrying on after a refusal) is a switch too.
+        assert_eq!(switches([t(0, 0), t(1, 0), t(0, 0)]), 2);
     }
 
     #[test]
@@ -298,7 +338,7 @@ mod tests {
         // Upstream 0 looked available but another request took its probe.
         let (r, mv) = r.after_refusal(&ALL);
         assert_eq!((r.current(), mv), (t(1, 0), Move::Switch));
-        assert_eq!(r.switches(), 0, "no attempt was made yet");
+        assert!(r.skipped_open() && !r.carries_on());
         let (r, mv) = r.after_retryable(false, &ALL);
         assert_eq!((r.current(), mv), (t(1, 0), Move::Stay));
         let only_one = Rotation::start(&[true], 1, 2).unwrap();

@@ -83,7 +83,7 @@ const FIELDS: [&str; 8] = [
 
 /// Parses the JSON list of upstreams held by `setting` (`UPSTREAMS` or `UPSTREAMS_SECRET_ARN`).
 pub fn parse_upstreams(setting: &'static str, raw: &str) -> Result<Vec<UpstreamSpec>, ConfigError> {
-    let err = |problem: String| ConfigError { setting, problem };
+    let err = |problem: String| ConfigError::new(setting, problem);
     let value: Value = serde_json::from_str(raw.trim()).map_err(|e| {
         err(format!(
             "is not valid JSON (error at line {} column {})",
@@ -201,10 +201,7 @@ pub struct ModelFallbacks(BTreeMap<String, Vec<String>>);
 
 impl ModelFallbacks {
     pub fn parse(raw: &str) -> Result<ModelFallbacks, ConfigError> {
-        let err = |problem: &str| ConfigError {
-            setting: "MODEL_FALLBACKS",
-            problem: problem.to_owned(),
-        };
+        let err = |problem: &str| ConfigError::new("MODEL_FALLBACKS", problem);
         let shape = "must be a JSON object of model name to a list of model names, e.g. {\"gpt-4o\": [\"gpt-4o-mini\"]}";
         let value: Value = serde_json::from_str(raw.trim()).map_err(|_| err(shape))?;
         let Value::Object(map) = value else {
