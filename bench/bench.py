@@ -742,6 +742,10 @@ def build_table(r):
     rows.append(("2 warm overhead added p50 / p99", f"+{add50:.3f} / +{add99:.3f} ms",
                  f"(hello via Runtime API: {w['warm-hello']['p50_ms']:.3f} / {w['warm-hello']['p99_ms']:.3f} ms)",
                  "p99 <= 1 ms", verdict(add99 <= 1.0) if add99 <= 1.0 else f"MISSED by {add99 - 1:.3f} ms"))
+    cpu = {k.removeprefix("warm-"): v.get("cpu_us_per_invocation") for k, v in r["warm"]["memory"].items()}
+    if cpu.get("none") is not None:
+        rows.append(("2 warm CPU per invocation (user + system; robust to load)", f"none: {cpu['none']:.0f} µs",
+                     ", ".join(f"{k}: {v:.0f} µs" for k, v in cpu.items() if k != "none" and v is not None), "", ""))
     # The verdict takes the worst metrics backend (cloudwatch carries the AWS SDK client).
     mem = max(v["vmhwm_mib"] for k, v in r["warm"]["memory"].items() if k != "warm-hello")
     rows.append((f"3 peak RSS (VmHWM) after {o['n'] + r['params']['warmup']} invocations", f"none: {r['warm']['memory']['warm-none']['vmhwm_mib']:.1f} MiB",
