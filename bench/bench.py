@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
-from lambda_emulator import RuntimeEmulator, epoch_ms, now_ns, read_message  # noqa: E402
+from lambda_emulator import RuntimeEmulator, epoch_ms, iter_body, now_ns, read_head, read_message  # noqa: E402
 from local_stack import stop_process  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
@@ -101,8 +101,8 @@ class Function:
         self.t_exec = None
         self.log = LOGS / f"{name}.log"
 
-    async def start(self, log_mode="a"):
-        self.emu = RuntimeEmulator()
+    async def start(self, log_mode="a", keep_stream=True):
+        self.emu = RuntimeEmulator(keep_stream=keep_stream)
         await self.emu.start()
         env = lambda_env(self.name, self.emu.port, self.extra_env)
         with open(self.log, log_mode) as out:
@@ -120,6 +120,12 @@ class Function:
 
     async def invoke(self, event_obj, deadline_s=LAMBDA_TIMEOUT_S):
         return await self.emu.invoke(json.dumps(event_obj).encode(), epoch_ms() + int(deadline_s * 1000))
+
+    def cpu_s(self):
+        """User + system CPU time of the process so far (/proc/<pid>/stat, clock ticks)."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def vm(self, key):
         with open(f"/proc/{self.proc.pid}/status") as f:
@@ -193,6 +199,18 @@ class DirectClient:
 
 # ------------------------------------------------------------------------------------------------
 # API Gateway model
+
+
+def long_conversation(body, size):
+    """`body` (a chat request) with user / assistant turns added until it is about `size` bytes."""
+    req = json.loads(body)
+    turn = "Summarise the quarterly figures by region and flag anything unusual. " * 6
+    system, rest = req["messages"][:1], req["messages"][1:]
+    history = []
+    while len(json.dumps(history)) < size:
+        history.append({"role": "user" if len(history) % 2 == 0 else "assistant", "content": turn})
+    req["messages"] = system + history + rest
+    return json.dumps(req)
 
 
 def fresh_event():
@@ -288,6 +306,8 @@ async def bench_warm(args, sim, cw_env):
            Function("warm-emf", [args.proxy_bin], proxy_env(sim, "emf"))]
     if cw_env is not None:
         fns.append(Function("warm-cloudwatch", [args.proxy_bin], proxy_env(sim, "cloudwatch", cw_env)))
+    if getattr(args, "compare_bin", None):
+        fns.append(Function("warm-compare", [args.compare_bin], proxy_env(sim, "none")))
     for fn in fns:
         await fn.start(log_mode="w")
     for fn in fns:
@@ -298,6 +318,8 @@ async def bench_warm(args, sim, cw_env):
     busy = {fn.name: [] for fn in fns}
     rt["direct"] = []
     bad = {fn.name: 0 for fn in fns}
+    served = {fn.name: 0 for fn in fns}
+    cpu0 = {fn.name: fn.cpu_s() for fn in fns}
     sides = ["direct"] + fns
     gc.disable()
     try:
@@ -319,6 +341,7 @@ async def bench_warm(args, sim, cw_env):
                 await side.emu.extensions_idle()
                 t_free = now_ns()
                 status = gateway_answer(kind, payload)[0]
+                served[side.name] += 1
                 if i >= args.warmup:
                     rt[side.name].append(inv.round_trip_ns())
                     busy[side.name].append(t_free - inv.t_delivered)
@@ -330,7 +353,9 @@ async def bench_warm(args, sim, cw_env):
     finally:
         gc.enable()
         direct.close()
-    mem = {fn.name: {"vmhwm_mib": round(fn.vm("VmHWM") / MIB, 2), "vmrss_mib": round(fn.vm("VmRSS") / MIB, 2)}
+    mem = {fn.name: {"vmhwm_mib": round(fn.vm("VmHWM") / MIB, 2), "vmrss_mib": round(fn.vm("VmRSS") / MIB, 2),
+                     # CPU per invocation over the whole run (warm-up included): robust to load.
+                     "cpu_us_per_invocation": round((fn.cpu_s() - cpu0[fn.name]) * 1e6 / served[fn.name], 1)}
            for fn in fns}
     for fn in fns:
         await fn.stop()
@@ -417,6 +442,145 @@ async def bench_fallback(args, requests=5):
         backup.stop()
 
 
+# ------------------------------------------------------------------------------------------------
+# Streaming (INVOKE_MODE=RESPONSE_STREAM, spec §10)
+
+STREAM_EVENT = json.loads((ROOT / "events" / "function-url-chat-completion.json").read_text())
+STREAM_BODY = {**json.loads(STREAM_EVENT["body"]), "stream": True}
+
+
+def stream_event():
+    """A function URL `"stream": true` request (no gateway timeout), with a fresh start time."""
+    ev = json.loads(json.dumps(STREAM_EVENT))
+    ev["body"] = json.dumps(STREAM_BODY)
+    ev["headers"]["content-length"] = str(len(ev["body"]))
+    ev["requestContext"]["timeEpoch"] = epoch_ms()
+    return ev
+
+
+class DirectStream(DirectClient):
+    """The time-to-first-byte baseline: the same streaming request straight to the simulator."""
+
+    def __init__(self, port):
+        super().__init__(port, json.dumps(STREAM_BODY).encode())
+
+    async def call(self):
+        """Request written → first body byte; then the rest of the stream is read off."""
+        t0 = now_ns()
+        self.writer.write(self.req)
+        await self.writer.drain()
+        start, headers = await read_head(self.reader)
+        t1 = None
+        async for part in iter_body(self.reader, headers):
+            if t1 is None and part:
+                t1 = now_ns()
+        if " 200 " not in start + " " or t1 is None:
+            raise RuntimeError(f"direct stream: {start}")
+        return t1 - t0
+
+
+async def stream_once(fn):
+    inv = await fn.invoke(stream_event())
+    kind, _ = await inv.done
+    status = (inv.prelude or {}).get("statusCode")
+    if kind != "response" or not inv.streamed or status != 200 or inv.trailers:
+        raise RuntimeError(f"{fn.name}: streamed {inv.streamed}, status {status}, trailers {inv.trailers}")
+    return inv
+
+
+async def bench_stream_ttfb(args, sim):
+    """Time to first byte, round-robin: the function (event delivered → first body byte after
+    the prelude) vs the simulator directly (request written → first body byte)."""
+    fn = Function("stream-ttfb", [args.proxy_bin], proxy_env(sim, "none", {"INVOKE_MODE": "RESPONSE_STREAM"}))
+    await fn.start(log_mode="w")
+    await fn.wait_init()
+    direct = DirectStream(sim.port)
+    await direct.open()
+    through, straight = [], []
+    gc.disable()
+    try:
+        for i in range(args.stream_warmup + args.stream_invocations):
+            sides = ["direct", "fn"]
+            random.shuffle(sides)
+            for side in sides:
+                if side == "direct":
+                    d = await direct.call()
+                else:
+                    d = (await stream_once(fn)).first_byte_ns()
+                if i >= args.stream_warmup:
+                    (straight if side == "direct" else through).append(d)
+            if i % 500 == 0:
+                gc.collect()
+    finally:
+        gc.enable()
+        direct.close()
+        await fn.stop()
+
+    def summ(xs):
+        return {"p50_ms": round(pct(xs, 50) / 1e6, 3), "p99_ms": round(pct(xs, 99) / 1e6, 3), "n": len(xs)}
+
+    return {"function": summ(through), "direct": summ(straight)}
+
+
+async def bench_stream_rss(args):
+    """Peak RSS (VmHWM) of a function streaming a 50 MB answer vs one streaming small answers:
+    forwarding event by event, it must not grow with the stream."""
+    small_sim = Simulator(args.sim_bin, "stream-small", "stream").start()
+    big_sim = Simulator(args.sim_bin, "stream-50m", f"stream:bytes={args.stream_mb}m").start()
+    env = {"INVOKE_MODE": "RESPONSE_STREAM"}
+    small = Function("stream-rss-small", [args.proxy_bin], proxy_env(small_sim, "none", env))
+    big = Function("stream-rss-50m", [args.proxy_bin], proxy_env(big_sim, "none", env))
+    try:
+        for fn in (small, big):
+            await fn.start(log_mode="w", keep_stream=False)
+            await fn.wait_init()
+        out = {}
+        for fn, runs in ((small, 20), (big, 3)):
+            t0 = now_ns()
+            invs = [await stream_once(fn) for _ in range(runs)]
+            secs = (now_ns() - t0) / 1e9
+            out[fn.name] = {"streams": runs, "bytes_each": invs[-1].body_bytes,
+                            "chunks_each": len(invs[-1].chunks), "seconds": round(secs, 2),
+                            "vmhwm_mib": round(fn.vm("VmHWM") / MIB, 2), "vmrss_mib": round(fn.vm("VmRSS") / MIB, 2)}
+        return out
+    finally:
+        for fn in (small, big):
+            await fn.stop()
+        small_sim.stop()
+        big_sim.stop()
+
+
+async def bench_streaming(args):
+    sim = Simulator(args.sim_bin, "stream-ttfb", "stream").start()
+    try:
+        print(f"[bench] streaming: time to first byte, {args.stream_invocations} streams each ...",
+              file=sys.stderr, flush=True)
+        ttfb = await bench_stream_ttfb(args, sim)
+    finally:
+        sim.stop()
+    print(f"[bench] streaming: peak RSS, {args.stream_mb} MB streams vs small ones ...", file=sys.stderr, flush=True)
+    return {"ttfb": ttfb, "rss": await bench_stream_rss(args)}
+
+
+def streaming_rows(st):
+    t = st["ttfb"]
+    f, d = t["function"], t["direct"]
+    add50, add99 = f["p50_ms"] - d["p50_ms"], f["p99_ms"] - d["p99_ms"]
+    ok = add50 <= 1.0 and add99 <= 2.0
+    rows = [(f"9 stream time to first byte (n={f['n']}) p50 / p99", f"{f['p50_ms']:.3f} / {f['p99_ms']:.3f} ms",
+             f"direct to simulator: {d['p50_ms']:.3f} / {d['p99_ms']:.3f} ms", "", ""),
+            ("9 stream TTFB added p50 / p99", f"+{add50:.3f} / +{add99:.3f} ms", "function URL event, RESPONSE_STREAM",
+             "p50 <= 1 ms, p99 <= 2 ms", verdict(ok))]
+    small, big = st["rss"]["stream-rss-small"], st["rss"]["stream-rss-50m"]
+    growth = big["vmhwm_mib"] - small["vmhwm_mib"]
+    mb = big["bytes_each"] / 1e6
+    rows.append((f"10 peak RSS (VmHWM) streaming {mb:.0f} MB x{big['streams']}", f"{big['vmhwm_mib']:.1f} MiB",
+                 f"small streams x{small['streams']}: {small['vmhwm_mib']:.1f} MiB; {big['chunks_each']} chunks "
+                 f"each, {mb * big['streams'] / big['seconds']:.0f} MB/s", f"flat (+{growth:.1f} MiB; <= 2 MiB)",
+                 verdict(growth <= 2.0)))
+    return rows
+
+
 def fallback_rows(f):
     rows = []
     for i, r in enumerate(f["two_upstreams"]):
@@ -491,6 +655,23 @@ async def bench_hopeless(args):
             "loadavg_at_start": load, "loadavg_at_end": os.getloadavg()[0]}
 
 
+async def warm_only(args):
+    """Figure 2 alone (with `--compare-bin`, a second binary interleaved in the same run)."""
+    sim = Simulator(args.sim_bin, "warm").start()
+    try:
+        rt, busy, bad, mem, _ = await bench_warm(args, sim, None)
+    finally:
+        sim.stop()
+    d = rt["direct"]
+    rows = []
+    for k, v in rt.items():
+        added = "" if k == "direct" else f"+{v['p50_ms'] - d['p50_ms']:.3f} / +{v['p99_ms'] - d['p99_ms']:.3f} ms"
+        cpu = f"CPU {mem[k]['cpu_us_per_invocation']:.0f} µs/invocation" if k in mem else ""
+        rows.append((f"2 warm round trip {k} (n={v['n']}) p50 / p99", f"{v['p50_ms']:.3f} / {v['p99_ms']:.3f} ms",
+                     f"added over direct: {added}" if added else "", cpu, f"non-200: {bad.get(k, 0)}"))
+    return rows
+
+
 def hopeless_rows(h):
     rows = []
     for key, label in (("skip_on", "SKIP_HOPELESS_ATTEMPTS=true"), ("skip_off", "SKIP_HOPELESS_ATTEMPTS=false")):
@@ -561,6 +742,10 @@ def build_table(r):
     rows.append(("2 warm overhead added p50 / p99", f"+{add50:.3f} / +{add99:.3f} ms",
                  f"(hello via Runtime API: {w['warm-hello']['p50_ms']:.3f} / {w['warm-hello']['p99_ms']:.3f} ms)",
                  "p99 <= 1 ms", verdict(add99 <= 1.0) if add99 <= 1.0 else f"MISSED by {add99 - 1:.3f} ms"))
+    cpu = {k.removeprefix("warm-"): v.get("cpu_us_per_invocation") for k, v in r["warm"]["memory"].items()}
+    if cpu.get("none") is not None:
+        rows.append(("2 warm CPU per invocation (user + system; robust to load)", f"none: {cpu['none']:.0f} µs",
+                     ", ".join(f"{k}: {v:.0f} µs" for k, v in cpu.items() if k != "none" and v is not None), "", ""))
     # The verdict takes the worst metrics backend (cloudwatch carries the AWS SDK client).
     mem = max(v["vmhwm_mib"] for k, v in r["warm"]["memory"].items() if k != "warm-hello")
     rows.append((f"3 peak RSS (VmHWM) after {o['n'] + r['params']['warmup']} invocations", f"none: {r['warm']['memory']['warm-none']['vmhwm_mib']:.1f} MiB",
@@ -598,6 +783,8 @@ def build_table(r):
                      f"vs none: {dd50:+.3f} / {dd99:+.3f} ms; env busy (till extensions idle) "
                      f"{busy['p50_ms']:.3f} / {busy['p99_ms']:.3f} ms" + (f" [{note}]" if note else ""),
                      "within noise", verdict(ok)))
+    if r.get("streaming"):
+        rows.extend(streaming_rows(r["streaming"]))
     if r.get("fallback"):
         rows.extend(fallback_rows(r["fallback"]))
     if r.get("hopeless"):
@@ -649,6 +836,13 @@ async def main_async(args):
         load = os.getloadavg()[0]
         if args.only == "fallback":
             rows = fallback_rows(await bench_fallback(args))
+        elif args.only == "warm":
+            rows = await warm_only(args)
+        elif args.only == "streaming":
+            streaming = await bench_streaming(args)
+            OUT.mkdir(parents=True, exist_ok=True)
+            (OUT / "streaming.json").write_text(json.dumps(streaming, indent=2) + "\n")
+            rows = streaming_rows(streaming)
         else:
             rows = hopeless_rows(await bench_hopeless(args))
         print(f"load avg {load:.1f} -> {os.getloadavg()[0]:.1f} ({os.cpu_count()} cores)")
@@ -702,6 +896,7 @@ async def main_async(args):
             results["cloudwatch_datapoints"] = n
             if not n:
                 results["metrics_notes"]["cloudwatch"] = "no PutMetricData reached the emulator"
+        results["streaming"] = await bench_streaming(args)
         if args.no_outage:
             scen, wall = [], 0.0
         else:
@@ -743,12 +938,24 @@ def main():
     ap.add_argument("--invocations", type=int, default=2000)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--no-outage", action="store_true", help="skip the ~30 s outage scenarios")
+    ap.add_argument("--stream-invocations", type=int, default=1000)
+    ap.add_argument("--stream-warmup", type=int, default=50)
+    ap.add_argument("--stream-mb", type=int, default=50, help="size of the long stream of the RSS figure")
     ap.add_argument("--fallback-only", action="store_true",
                     help="only the 'outage with a healthy backup' scenario (issue #13), printed")
-    ap.add_argument("--only", choices=["fallback", "hopeless"], default=None,
+    ap.add_argument("--only", choices=["fallback", "hopeless", "streaming", "warm"], default=None,
                     help="run one scenario alone and print its rows: 'fallback' (outage with a healthy "
-                         "backup) or 'hopeless' (retries skipped vs started, ~2.5 min)")
+                         "backup), 'hopeless' (retries skipped vs started, ~2.5 min), 'streaming' "
+                         "(time to first byte and peak RSS of a 50 MB stream, also in bench/out/streaming.json) "
+                         "or 'warm' (figure 2)")
+    ap.add_argument("--prompt-kb", type=int, default=0,
+                    help="grow the chat request to about this many KiB (a long conversation) for every "
+                         "scenario: the proxy's per-byte costs (parsing, copying) show up")
+    ap.add_argument("--compare-bin", type=Path, default=None,
+                    help="warm: a second proxy binary measured in the same run (before / after a change)")
     args = ap.parse_args()
+    if args.prompt_kb:
+        EVENT["body"] = long_conversation(EVENT["body"], args.prompt_kb * 1024)
     LOGS.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT / "bench"))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

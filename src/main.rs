@@ -15,7 +15,10 @@ use openai_lambda_proxy::telemetry::backend::Metrics;
 use openai_lambda_proxy::telemetry::logs;
 use openai_lambda_proxy::transport;
 
-#[tokio::main]
+// One thread: the runtime serves one invocation at a time (no `run_concurrent`), and a
+// multi-thread runtime's cross-thread wake-ups cost ~30 % more CPU per warm invocation
+// (docs/benchmarks.md, "Warm overhead").
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Error> {
     logs::init();
     let settings = Settings::from_env();

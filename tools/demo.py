@@ -4,16 +4,19 @@ response and its log lines, then stops everything it started."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from local_stack import FUNCTION, REPO, LocalStack, free_port, http_json, stop_process, wait_for_port  # noqa: E402
+from local_stack import (FUNCTION, PROXY_TOKEN, REPO, LocalStack, free_port, http_json,  # noqa: E402
+                         stop_process, wait_for_port)
 
 REAL = bool(os.environ.get("OPENAI_API_KEY"))
 
@@ -34,7 +37,8 @@ SCENARIOS = [
 FAULTS = {"500,500,ok", "429:ra-ms=300,ok", "503"}
 LOG_KEYS = ["level", "message", "upstream", "attempt", "status", "error_kind", "latency_ms", "decision", "reason",
             "next_delay_ms", "remaining_ms", "code", "outcome", "attempts", "elapsed_ms", "budget_ms",
-            "upstream_request_ids", "cold_start", "_aws"]
+            "upstream_request_ids", "cold_start", "streamed", "first_byte_ms", "stream_bytes", "stream_outcome",
+            "_aws"]
 
 
 def show_body(resp: dict) -> str:
@@ -73,6 +77,7 @@ def main() -> int:
             resp = stack.invoke(REPO / "events" / event)
             headers = resp.get("headers") or {}
             show_response(stack, resp)
+        stream_demo(Path(tmp))
         if not REAL:
             fallback_demo(Path(tmp))
     print("== demo finished; simulators and cargo lambda watch stopped")
@@ -89,6 +94,58 @@ def show_response(stack: LocalStack, resp: dict) -> None:
     print(f"    -> {resp.get('statusCode')}  {json.dumps(shown)}")
     print(show_body(resp))
     rid = headers.get("x-lambda-request-id")
+    if rid:
+        print("    log lines:")
+        for line in stack.logs_for(rid):
+            print(show_log(line))
+    print()
+
+
+def stream_demo(tmp: Path) -> None:
+    """Spec §10: INVOKE_MODE=RESPONSE_STREAM through `cargo lambda watch`'s function URL: each
+    token printed with the time it arrived, while the simulator sends them 250 ms apart."""
+    print("== real streaming (INVOKE_MODE=RESPONSE_STREAM, the function URL of cargo lambda watch)\n")
+    with LocalStack(tmp / "stream", env={"INVOKE_MODE": "RESPONSE_STREAM"}, real_openai=REAL) as stack:
+        for title, script in [("stream: true, tokens as the upstream sends them (250 ms apart)", "stream:gap=250"),
+                              ("The upstream breaks off after 4 events: one SSE error event ends the stream",
+                               "stream:gap=150:cut=4")]:
+            if REAL and "cut" in script:
+                continue
+            stack.script(script)
+            print(f"--- {title}")
+            print(f"    POST {stack.url('/v1/chat/completions')}  {{\"stream\": true, ...}}"
+                  + ("" if REAL else f"    (simulator script: {script})"))
+            show_stream(stack)
+
+
+def show_stream(stack: LocalStack) -> None:
+    body = json.dumps({"model": "gpt-4o-mini", "stream": True,
+                       "messages": [{"role": "user", "content": "Say hello in five words."}]})
+    conn = http.client.HTTPConnection("127.0.0.1", stack.watch_port, timeout=60)
+    start = time.monotonic()
+    conn.request("POST", f"/lambda-url/{FUNCTION}/v1/chat/completions", body=body,
+                 headers={"authorization": f"Bearer {PROXY_TOKEN}", "content-type": "application/json"})
+    resp = conn.getresponse()
+    print(f"    -> {resp.status}  content-type: {resp.getheader('content-type')}  "
+          f"x-upstream-attempts: {resp.getheader('x-upstream-attempts')}")
+    for raw in resp:
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if not line.startswith("data: "):
+            continue
+        data = line[len("data: "):]
+        at = f"    +{time.monotonic() - start:.3f} s  "
+        if data == "[DONE]":
+            print(at + "[DONE]")
+            continue
+        event = json.loads(data)
+        if "error" in event:
+            e = event["error"]
+            print(at + f"error event: code={e['code']} message={e['message'][:90]!r}...")
+        elif event.get("choices") and event["choices"][0]["delta"].get("content") is not None:
+            token = event["choices"][0]["delta"]["content"]
+            print(at + (f"token {token!r}" if token else "first chunk (role: assistant)"))
+    conn.close()
+    rid = resp.getheader("x-lambda-request-id")
     if rid:
         print("    log lines:")
         for line in stack.logs_for(rid):

@@ -6,6 +6,8 @@ As in Lambda: an event goes to the runtime's waiting `GET …/invocation/next`; 
 every extension that registered for it; the environment is free again (the next invocation may
 start, Lambda may freeze it) once every such extension has called `GET …/event/next` again.
 Implemented: `…/invocation/next`, `POST …/{id}/response|error` (Content-Length or chunked),
+a streamed `…/response` (`Lambda-Runtime-Function-Response-Mode: streaming`: read chunk by chunk
+as it arrives, the HTTP integration prelude and its 8 NULs split off, error trailers kept),
 `POST …/init/error`, `POST /2020-01-01/extension/register`, `GET …/extension/event/next`
 (INVOKE / SHUTDOWN), extension `init/error` / `exit/error`, Telemetry / Logs API subscriptions.
 """
@@ -39,7 +41,8 @@ def now_ms() -> float:
 # Minimal HTTP/1.1 message reading (both directions)
 
 
-async def read_message(reader):
+async def read_head(reader):
+    """The start line and the (lower-cased) headers of one HTTP/1.1 message."""
     line = await reader.readline()
     if not line:
         raise EOFError
@@ -51,21 +54,30 @@ async def read_message(reader):
             break
         k, _, v = h.decode("latin-1").partition(":")
         headers[k.strip().lower()] = v.strip()
+    return start, headers
+
+
+async def iter_body(reader, headers, trailers=None):
+    """A message body as it arrives: Content-Length (one piece) or each chunk of a chunked body.
+    The trailer fields of a chunked body go into `trailers` (a dict, lower-cased names)."""
     if "content-length" in headers:
-        body = await reader.readexactly(int(headers["content-length"]))
+        yield await reader.readexactly(int(headers["content-length"]))
     elif headers.get("transfer-encoding", "").lower() == "chunked":
-        parts = []
         while True:
             size = int((await reader.readline()).split(b";")[0].strip() or b"0", 16)
             if size == 0:
-                while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-                    pass
+                while (t := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    k, _, v = t.decode("latin-1").partition(":")
+                    if trailers is not None:
+                        trailers[k.strip().lower()] = v.strip()
                 break
-            parts.append(await reader.readexactly(size))
+            yield await reader.readexactly(size)
             await reader.readexactly(2)
-        body = b"".join(parts)
-    else:
-        body = b""
+
+
+async def read_message(reader):
+    start, headers = await read_head(reader)
+    body = b"".join([part async for part in iter_body(reader, headers)])
     return start, headers, body
 
 
@@ -98,14 +110,31 @@ class Invocation:
         self.extension_got_at_ms = None  # the first extension took the INVOKE
         self.extension_done_at_ms = None  # the last one called /next again
         self.complete = asyncio.Event()  # answered and every extension back
+        # A streamed response: the prelude (HTTP integration), the body's chunks as they came
+        # (perf-counter ns, bytes; the bytes only if the emulator keeps them), error trailers.
+        self.streamed = False
+        self.prelude = None
+        self.t_first_byte = None  # the first body byte after the prelude's 8 NULs
+        self.first_byte = asyncio.Event()
+        self.chunks = []
+        self.body_bytes = 0
+        self.trailers = {}
 
     def round_trip_ns(self):
         return self.t_answered - self.t_delivered
 
+    def first_byte_ns(self):
+        """Event delivered to the runtime → first body byte of a streamed response."""
+        return self.t_first_byte - self.t_delivered
+
     @property
     def response(self):
-        """The function's answer, decoded (None if it reported an error or has not answered)."""
+        """The function's answer, decoded (None if it reported an error or has not answered).
+        A streamed HTTP-integration answer reads as a buffered one: its prelude and the body."""
         if self.result and self.result[0] == "response":
+            if self.streamed and self.prelude is not None:
+                body = self.result[1].decode("utf-8", "replace")
+                return {**self.prelude, "body": body, "isBase64Encoded": False}
             return json.loads(self.result[1])
         return None
 
@@ -148,8 +177,10 @@ class RuntimeEmulator:
     `miss_first_invoke=True` reproduces `cargo lambda watch`, whose first INVOKE never reaches
     the extensions."""
 
-    def __init__(self, function_name="openai-lambda-proxy-bench", miss_first_invoke=False):
+    def __init__(self, function_name="openai-lambda-proxy-bench", miss_first_invoke=False, keep_stream=True):
         self.function_name = function_name
+        # Keep a streamed body's bytes (tests), or only count them (a 50 MB benchmark stream).
+        self.keep_stream = keep_stream
         self.arn = f"arn:aws:lambda:us-east-1:{ACCOUNT}:function:{function_name}"
         self.miss_first_invoke = miss_first_invoke
         self.count = 0
@@ -189,9 +220,13 @@ class RuntimeEmulator:
         self.tasks.add(writer)
         try:
             while not self.closing:
-                start, headers, body = await read_message(reader)
-                t = now_ns()
+                start, headers = await read_head(reader)
                 method, path = start.split(" ")[:2]
+                if headers.get("lambda-runtime-function-response-mode", "").lower() == "streaming":
+                    await self._streamed_response(path, headers, reader, writer)
+                    continue
+                body = b"".join([part async for part in iter_body(reader, headers)])
+                t = now_ns()
                 await self._route(method, path, headers, body, writer, t)
         except (EOFError, ConnectionError, asyncio.IncompleteReadError):
             pass
@@ -226,6 +261,40 @@ class RuntimeEmulator:
             msg = http_response(404, "Not Found", b'{"errorMessage":"not found"}')
         writer.write(msg)
         await writer.drain()
+
+    async def _streamed_response(self, path, headers, reader, writer):
+        """`POST …/{id}/response` in streaming mode, read chunk by chunk as the function sends it.
+        An HTTP integration response starts with a JSON prelude and 8 NUL bytes; the body after
+        them is what the caller sees. Answered 202 once the body has ended, as Lambda does."""
+        inv = self.inflight.pop(path.split("?")[0].split("/")[4], None)
+        if inv is None or inv.done.done():
+            async for _ in iter_body(reader, headers):  # an unknown or answered id: dropped
+                pass
+        else:
+            inv.streamed = True
+            integration = "http-integration-response" in headers.get("content-type", "")
+            await self._read_stream(inv, iter_body(reader, headers, inv.trailers), integration)
+        writer.write(http_response(202, "Accepted", b'{"status":"OK"}', [("Content-Type", "application/json")]))
+        await writer.drain()
+
+    async def _read_stream(self, inv, parts, integration):
+        head = b""
+        async for part in parts:
+            t = now_ns()
+            if integration and inv.prelude is None:
+                head += part
+                if (at := head.find(b"\0" * 8)) < 0:
+                    continue
+                inv.prelude = json.loads(head[:at])
+                part = head[at + 8:]
+            if not part:
+                continue
+            if inv.t_first_byte is None:
+                inv.t_first_byte = t
+                inv.first_byte.set()
+            inv.body_bytes += len(part)
+            inv.chunks.append((t, part if self.keep_stream else b""))
+        inv._answered("response", b"".join(c for _, c in inv.chunks), now_ns())
 
     async def _runtime_next(self, writer, t):
         if self.first_next_ns is None:

@@ -5,8 +5,9 @@
 //! line and metrics record. The runtime's own panic layer, further out, would answer a bare
 //! Lambda error instead (API Gateway turns it into a 502 without a body).
 //!
-//! A task rather than `catch_unwind`: the handler holds `&self` borrows across awaits, and a
-//! task's `JoinError` needs no `UnwindSafe` bound on them.
+//! A task rather than the runtime layer's `catch_unwind`: no `futures` dependency and no
+//! `AssertUnwindSafe` over the proxy's shared state (breakers, caches), whose locks recover from
+//! a panicked holder; the next request is served as usual (tests/invocation_logs.rs).
 
 use std::convert::Infallible;
 use std::future::Future;

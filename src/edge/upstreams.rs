@@ -54,6 +54,17 @@ impl Routed<'_> {
         })
     }
 
+    /// The body of an attempt at `spec` for the model at `model_index` of the chain: the caller's
+    /// bytes as they are when that is the model the caller named (the usual case: no second JSON
+    /// parse of what may be a long conversation), else with `model` rewritten.
+    pub fn body_for(&self, spec: &UpstreamSpec, model_index: usize) -> Bytes {
+        let body = &self.forward.body;
+        match self.model(model_index).map(|m| spec.upstream_model(m)) {
+            Some(wanted) if Some(wanted) != self.model(0) => with_model(body, wanted),
+            _ => body.clone(),
+        }
+    }
+
     /// The model an attempt asks for (before the upstream's own model map).
     pub fn model(&self, index: usize) -> Option<&str> {
         self.models
@@ -220,10 +231,7 @@ impl Proxy {
     ) -> impl Future<Output = crate::retry::AttemptOutcome> + 'a {
         let spec = &req.list[plan.target.upstream];
         let key = keys[plan.target.upstream].clone();
-        let body = match req.model(plan.target.model) {
-            Some(model) => with_model(&req.forward.body, spec.upstream_model(model)),
-            None => req.forward.body.clone(),
-        };
+        let body = req.body_for(spec, plan.target.model);
         async move {
             let client = &ready.upstream;
             let attempt = Attempt {
@@ -300,6 +308,47 @@ mod tests {
         assert_eq!(v["messages"], serde_json::json!([]));
         let not_json = Bytes::from("nope");
         assert_eq!(with_model(&not_json, "x"), not_json);
+    }
+
+    /// The caller's bytes go as they are (the same buffer, key order and spacing kept) unless
+    /// the upstream's model map or a model fallback asks for another model.
+    #[test]
+    fn each_attempt_sends_the_model_its_upstream_expects() {
+        let list = crate::upstreams::parse_upstreams(
+            "UPSTREAMS",
+            r#"[{"name":"a","base_url":"http://127.0.0.1:9/v1","api_key":"k"},
+                {"name":"az","kind":"azure","base_url":"http://127.0.0.1:9/openai/v1","api_key":"k",
+                 "models":{"gpt-4o":"dep-4o","gpt-4o-mini":"dep-mini"}}]"#,
+        )
+        .unwrap();
+        let body = Bytes::from(r#"{ "messages": [], "model": "gpt-4o" }"#);
+        let forward = ForwardRequest {
+            method: http::Method::POST,
+            path: "/chat/completions",
+            body: body.clone(),
+            content_type: None,
+            idempotency_key: None,
+            client_request_id: "r".into(),
+        };
+        let req = Routed {
+            route: super::super::routes::find("/v1/chat/completions").unwrap(),
+            forward: &forward,
+            list: &list,
+            models: Some(vec!["gpt-4o".into(), "gpt-4o-mini".into()]),
+            stream: false,
+            live: None,
+        };
+        let sent = req.body_for(&list[0], 0);
+        assert_eq!(sent.as_ptr(), body.as_ptr(), "a copy of an unchanged body");
+        let model = |b: Bytes| serde_json::from_slice::<Value>(&b).unwrap()["model"].clone();
+        assert_eq!(model(req.body_for(&list[1], 0)), "dep-4o");
+        assert_eq!(model(req.body_for(&list[0], 1)), "gpt-4o-mini");
+        assert_eq!(model(req.body_for(&list[1], 1)), "dep-mini");
+        let no_model = Routed {
+            models: None,
+            ..req
+        };
+        assert_eq!(no_model.body_for(&list[1], 0).as_ptr(), body.as_ptr());
     }
 
     #[test]

@@ -234,9 +234,11 @@ class Function:
     """The real function binary on a fresh emulated execution environment."""
 
     def __init__(self, sim: Simulator, namespace: str, backend: str = "cloudwatch",
-                 endpoint_url: str = "http://127.0.0.1:9", miss_first_invoke: bool = False):
+                 endpoint_url: str = "http://127.0.0.1:9", miss_first_invoke: bool = False,
+                 extra_env: dict[str, str] | None = None):
         self.emulator = ThreadedEmulator(FUNCTION_NAME, miss_first_invoke=miss_first_invoke)
         env = function_env(sim.url, self.emulator.address, namespace, backend, endpoint_url)
+        env.update(extra_env or {})
         self.p = Process([str(binary("openai-lambda-proxy"))], env=env, name="function")
         if backend == "cloudwatch":
             try:

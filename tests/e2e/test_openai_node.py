@@ -7,35 +7,15 @@ its own on top of the function's (the simulator sees exactly RETRY_MAX_ATTEMPTS 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-from pathlib import Path
-
 import pytest
 
-NODE_DIR = Path(__file__).resolve().parent / "node"
 # The function's RETRY_MAX_ATTEMPTS under the e2e stack (the default: conftest.py sets none).
 RETRY_MAX_ATTEMPTS = 5
 
 
 @pytest.fixture(scope="module")
-def node_client(stack):
-    installed = NODE_DIR / "node_modules" / "openai" / "package.json"
-    if not installed.exists():
-        pytest.fail("openai-node is not installed: run `make test-e2e` (it runs `npm ci` in tests/e2e/node)")
-    version = json.loads(installed.read_text())["version"]
-    assert version.split(".")[0] == "7", f"openai-node {version}, expected v7"
-
-    def run() -> dict:
-        env = {**os.environ, "PROXY_BASE_URL": stack.url("/v1"), "PROXY_TOKEN": "demo-token",
-               "NODE_NO_WARNINGS": "1"}
-        out = subprocess.run(["node", str(NODE_DIR / "client.mjs")], env=env, cwd=NODE_DIR,
-                             capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr[-2000:]
-        return json.loads(out.stdout.strip().splitlines()[-1])
-
-    return run
+def node_client(stack, node_sdk):
+    return lambda: node_sdk("client.mjs", stack.url("/v1"))
 
 
 def test_openai_node_chat_completion(stack, node_client):

@@ -12,27 +12,9 @@ import time
 import openai
 import pytest
 
-from local_stack import FUNCTION, PROXY_TOKEN, LocalStack
+from local_stack import FUNCTION, PROXY_TOKEN
 
-IDLE_MS = 2000
 MESSAGES = [{"role": "user", "content": "Say hi"}]
-
-
-@pytest.fixture(scope="module")
-def streaming(tmp_path_factory):
-    s = LocalStack(tmp_path_factory.mktemp("watch-stream"),
-                   env={"INVOKE_MODE": "RESPONSE_STREAM", "METRICS_BACKEND": "emf", "BREAKER_FAILURES": "0",
-                        "STREAM_IDLE_TIMEOUT_MS": str(IDLE_MS),
-                        "RETRY_BASE_DELAY_MS": "100", "RETRY_MAX_DELAY_MS": "400"})
-    s.start()
-    try:
-        s.script("ok")
-        # The first invocation starts the function process; give it a generous timeout.
-        status, _, _ = s.http("GET", "/health", token=None)
-        assert status == 200
-        yield s
-    finally:
-        s.stop()
 
 
 def client(stack) -> openai.OpenAI:
@@ -80,7 +62,7 @@ def test_bytes_reach_the_caller_while_the_upstream_has_not_finished(streaming):
     ended = time.monotonic() - start
     assert len(arrivals) == 3
     # The three events came while the upstream was still open; the error only after the idle gap.
-    assert ended - arrivals[-1] >= IDLE_MS / 1000 * 0.9, (arrivals, ended)
+    assert ended - arrivals[-1] >= streaming.idle_ms / 1000 * 0.9, (arrivals, ended)
     assert raised.value.code == "upstream_timeout"
     assert raised.value.type == "server_error"
     assert len(streaming.upstream_requests()) == 1, "no retry after the commit"
