@@ -6,20 +6,20 @@
 use std::sync::Arc;
 
 use lambda_runtime::tower::ServiceBuilder;
-use lambda_runtime::{Error, Runtime, layers};
-use openai_lambda_proxy::Proxy;
+use lambda_runtime::{Runtime, layers};
 use openai_lambda_proxy::config::{InvokeMode, Settings};
 use openai_lambda_proxy::edge::guard::PanicGuardLayer;
 use openai_lambda_proxy::secrets::Secrets;
 use openai_lambda_proxy::telemetry::backend::Metrics;
 use openai_lambda_proxy::telemetry::logs;
 use openai_lambda_proxy::transport;
+use openai_lambda_proxy::{BoxError, Proxy};
 
 // One thread: the runtime serves one invocation at a time (no `run_concurrent`), and a
 // multi-thread runtime's cross-thread wake-ups cost ~30 % more CPU per warm invocation
 // (docs/benchmarks.md, "Warm overhead").
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> Result<(), Error> {
+async fn main() -> Result<(), BoxError> {
     logs::init();
     let settings = Settings::from_env();
     let uses_secrets = settings.as_ref().is_ok_and(Settings::uses_secrets);

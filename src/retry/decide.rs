@@ -209,22 +209,10 @@ impl RetryEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::retry::{RetryPolicy, UpstreamReply};
+    use crate::retry::UpstreamReply;
+    use crate::retry::tests::engine;
 
     const NOW: u64 = 1_764_000_000_000;
-
-    /// The spec's defaults: 5 attempts, 1 s base, 8 s cap, `MIN_ATTEMPT_MS` 1 s.
-    fn engine() -> RetryEngine {
-        RetryEngine {
-            policy: RetryPolicy {
-                max_attempts: 5,
-                base_delay_ms: 1000,
-                max_delay_ms: 8000,
-            },
-            min_attempt_ms: 1000,
-            attempt_timeout_ms: None,
-        }
-    }
 
     /// The top of the jitter range: the backoff ceiling.
     struct Max;

@@ -228,6 +228,11 @@ impl RetryRun {
         }
     }
 
+    /// The same run, `elapsed_ms` after it started.
+    fn after(self, elapsed_ms: u64) -> RetryRun {
+        RetryRun { elapsed_ms, ..self }
+    }
+
     /// The run that ended with `outcome` after `attempts`, `elapsed_ms` after it started.
     fn ended(
         outcome: RunOutcome,
@@ -329,43 +334,21 @@ impl RetryEngine {
                     continue;
                 }
                 Claim::CircuitOpen { retry_after_ms } => {
-                    let mut run = RetryRun::empty(RunOutcome::CircuitOpen { retry_after_ms });
-                    run.elapsed_ms = begin.saturating_sub(started);
-                    return run;
+                    let run = RetryRun::empty(RunOutcome::CircuitOpen { retry_after_ms });
+                    return run.after(begin.saturating_sub(started));
                 }
             };
-            let plan = self.plan(
-                attempts.len() as u32 + 1,
-                rotation.current(),
-                begin,
-                deadline_ms,
-            );
+            let number = attempts.len() as u32 + 1;
+            let plan = self.plan(number, rotation.current(), begin, deadline_ms);
             let outcome = attempt(plan).await;
             let end = clock.now_ms();
-            tell(
-                routing,
-                plan,
-                probe,
-                &outcome,
-                end.saturating_sub(begin),
-                end,
-            );
+            tell(routing, plan, probe, &outcome, (begin, end));
             let ended = Ended {
-                number: plan.number,
+                number,
                 outcome: &outcome,
                 now_ms: end,
             };
-            let available = routing.available(end);
-            let expected_ms = |target| routing.expected_ms(target);
-            let decided = decide(
-                self,
-                &ended,
-                deadline_ms,
-                &rotation,
-                &available,
-                expected_ms,
-                jitter,
-            );
+            let decided = self.decide_on(routing, &ended, deadline_ms, &rotation, jitter);
             let record = AttemptRecord::new(plan, &outcome, (begin, end), deadline_ms, &decided);
             on_attempt(&record);
             attempts.push(record);
@@ -377,6 +360,29 @@ impl RetryEngine {
             let outcome = RunOutcome::stopped(stop, outcome, decided.retry_after_ms);
             return RetryRun::ended(outcome, attempts, &rotation, end.saturating_sub(started));
         }
+    }
+
+    /// [`decide`], with which upstreams admit attempts and what they are expected to take when
+    /// the attempt ended.
+    fn decide_on(
+        &self,
+        routing: &impl Routing,
+        ended: &Ended<'_>,
+        deadline_ms: u64,
+        rotation: &Rotation,
+        jitter: &mut impl Jitter,
+    ) -> Decided {
+        let available = routing.available(ended.now_ms);
+        let expected_ms = |target| routing.expected_ms(target);
+        decide(
+            self,
+            ended,
+            deadline_ms,
+            rotation,
+            &available,
+            expected_ms,
+            jitter,
+        )
     }
 
     /// Where the first attempt goes, or why there is none.
@@ -442,24 +448,24 @@ fn claim(
     }
 }
 
-/// Tells the breaker what the attempt showed, and the latency book how long a success took.
+/// Tells the breaker what the attempt (from `begin` to `end`) showed, and the latency book how
+/// long a success took.
 fn tell(
     routing: &impl Routing,
     plan: AttemptPlan,
     probe: bool,
     outcome: &AttemptOutcome,
-    latency_ms: u64,
-    now_ms: u64,
+    (begin, end): (u64, u64),
 ) {
     let report = match policy::verdict(outcome) {
         Verdict::Final(_) => Report::Healthy,
         Verdict::Retryable(_) => Report::Failed,
     };
-    routing.report(plan.target.upstream, now_ms, probe, report);
+    routing.report(plan.target.upstream, end, probe, report);
     if let AttemptOutcome::Reply(r) = outcome
         && (200..300).contains(&r.status)
     {
-        routing.learn(plan.target, latency_ms);
+        routing.learn(plan.target, end.saturating_sub(begin));
     }
 }
 
@@ -533,17 +539,7 @@ mod tests {
         sleeps: Vec<u64>,
     }
 
-    fn engine() -> RetryEngine {
-        RetryEngine {
-            policy: RetryPolicy {
-                max_attempts: 5,
-                base_delay_ms: 1000,
-                max_delay_ms: 8000,
-            },
-            min_attempt_ms: 1000,
-            attempt_timeout_ms: None,
-        }
-    }
+    use crate::retry::tests::engine;
 
     impl Fixture {
         fn new(engine: RetryEngine) -> Self {

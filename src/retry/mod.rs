@@ -140,3 +140,22 @@ impl Sleeper for TokioSleeper {
         tokio::time::sleep(std::time::Duration::from_millis(ms))
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::{RetryEngine, RetryPolicy};
+
+    /// The spec's defaults: 5 attempts, 1 s base, 8 s cap, `MIN_ATTEMPT_MS` 1 s, no
+    /// `ATTEMPT_TIMEOUT_MS`.
+    pub(crate) fn engine() -> RetryEngine {
+        RetryEngine {
+            policy: RetryPolicy {
+                max_attempts: 5,
+                base_delay_ms: 1000,
+                max_delay_ms: 8000,
+            },
+            min_attempt_ms: 1000,
+            attempt_timeout_ms: None,
+        }
+    }
+}
