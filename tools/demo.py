@@ -93,10 +93,13 @@ def show_response(stack: LocalStack, resp: dict) -> None:
     shown = {k: v for k, v in headers.items() if k in SHOWN_HEADERS}
     print(f"    -> {resp.get('statusCode')}  {json.dumps(shown)}")
     print(show_body(resp))
-    rid = headers.get("x-lambda-request-id")
-    if rid:
+    show_logs(stack, headers.get("x-lambda-request-id"))
+
+
+def show_logs(stack: LocalStack, lambda_request_id: str | None) -> None:
+    if lambda_request_id:
         print("    log lines:")
-        for line in stack.logs_for(rid):
+        for line in stack.logs_for(lambda_request_id):
             print(show_log(line))
     print()
 
@@ -145,12 +148,7 @@ def show_stream(stack: LocalStack) -> None:
             token = event["choices"][0]["delta"]["content"]
             print(at + (f"token {token!r}" if token else "first chunk (role: assistant)"))
     conn.close()
-    rid = resp.getheader("x-lambda-request-id")
-    if rid:
-        print("    log lines:")
-        for line in stack.logs_for(rid):
-            print(show_log(line))
-    print()
+    show_logs(stack, resp.getheader("x-lambda-request-id"))
 
 
 def fallback_demo(tmp: Path) -> None:
