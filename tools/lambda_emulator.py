@@ -114,6 +114,8 @@ class Invocation:
         # (perf-counter ns, bytes; the bytes only if the emulator keeps them), error trailers.
         self.streamed = False
         self.prelude = None
+        self.t_head = None  # the head of the streamed `…/response` request read
+        self.t_prelude = None  # the prelude complete
         self.t_first_byte = None  # the first body byte after the prelude's 8 NULs
         self.first_byte = asyncio.Event()
         self.chunks = []
@@ -272,6 +274,7 @@ class RuntimeEmulator:
                 pass
         else:
             inv.streamed = True
+            inv.t_head = now_ns()
             integration = "http-integration-response" in headers.get("content-type", "")
             await self._read_stream(inv, iter_body(reader, headers, inv.trailers), integration)
         writer.write(http_response(202, "Accepted", b'{"status":"OK"}', [("Content-Type", "application/json")]))
@@ -286,6 +289,7 @@ class RuntimeEmulator:
                 if (at := head.find(b"\0" * 8)) < 0:
                     continue
                 inv.prelude = json.loads(head[:at])
+                inv.t_prelude = t
                 part = head[at + 8:]
             if not part:
                 continue
