@@ -762,3 +762,44 @@ async fn breakers_follow_the_upstream_name_when_the_secret_list_changes() {
     assert_eq!(served_by(&invoke(&p, chat(token)).await.0), one("primary"));
     assert_eq!(primary.requests().len(), 3);
 }
+
+/// `x-proxy-fallbacks` (§11) counts the switches of the whole request, the run after a key
+/// refresh included: primary 429 → backup, whose 401 makes its key be read again (rotated),
+/// then the run with the new keys starts over on the primary, which answers. Attempts went
+/// primary, backup, primary: two switches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallbacks_count_the_switch_into_the_run_after_a_key_refresh() {
+    let (primary_key, old_key, new_key, token) = (
+        "sk-moto-switch-primary-01",
+        "sk-moto-switch-backup-old1",
+        "sk-moto-switch-backup-new2",
+        "tok-moto-switch-000000001",
+    );
+    let _logs = logs::check(&[primary_key, old_key, new_key, token]);
+    let moto = moto().await;
+    let sm = secrets_client(&moto.endpoint()).await;
+    let (primary, backup) = (simulator().await, simulator().await);
+    let backup_arn = create_secret(&sm, "switch-backup-key", old_key).await;
+    let list = serde_json::json!([
+        {"name": "primary", "base_url": primary.base_url(), "api_key": primary_key},
+        {"name": "backup", "base_url": backup.base_url(), "api_key_secret_arn": backup_arn},
+    ])
+    .to_string();
+    let p = support::events::proxy(
+        &[("UPSTREAMS", list.as_str()), ("PROXY_API_KEYS", token)],
+        Some(sm.clone()),
+    );
+    // Every upstream's key is read (and cached) for the first request.
+    assert_eq!(status(&invoke(&p, chat(token)).await.0), 200);
+    primary.clear_requests();
+    put_secret_value(&sm, &backup_arn, new_key).await;
+    primary.set_script(parse_script("429,ok").unwrap());
+    backup.set_script(parse_script("401").unwrap());
+    let (resp, _) = invoke(&p, chat(token)).await;
+    assert_eq!(status(&resp), 200, "{resp}");
+    assert_eq!(header(&resp, "x-upstream-attempts"), Some("3"));
+    assert_eq!(header(&resp, "x-proxy-upstream"), Some("primary"));
+    assert_eq!(header(&resp, "x-proxy-fallbacks"), Some("2"));
+    assert_eq!(bearer_seen(&backup), [bearer(old_key)]);
+    assert_eq!(primary.requests().len(), 2);
+}

@@ -14,6 +14,7 @@ use crate::config::{ConfigError, KeySource, Settings};
 use crate::deadline::Deadline;
 use crate::retry::{AttemptPlan, AttemptRecord, Clock, RetryRun, RunOutcome};
 use crate::upstream::{Attempt, ForwardRequest, LiveStream};
+use crate::upstreams::fallback::switches;
 use crate::upstreams::naming::{Naming, naming};
 use crate::upstreams::routing::Router;
 use crate::upstreams::{UpstreamSpec, UpstreamsSource};
@@ -214,7 +215,8 @@ impl Proxy {
                 a
             }));
         run.outcome = second.outcome;
-        run.switches += second.switches;
+        // Counted over both runs: the second may start where the first did not end.
+        run.switches = switches(run.attempts.iter().map(|a| a.target));
         run.circuit_open |= second.circuit_open;
         run.skipped += second.skipped;
         run.elapsed_ms = self.time.now_ms().saturating_sub(deadline.started_ms);
