@@ -631,16 +631,8 @@ mod tests {
         }
     }
 
-    fn reply(status: u16, headers: &[(&str, &str)], body: &'static str) -> UpstreamReply {
-        UpstreamReply {
-            status,
-            headers: headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            body: Bytes::from_static(body.as_bytes()),
-            oversized: false,
-        }
+    fn reply(status: u16, headers: &[(&str, &str)], body: &str) -> UpstreamReply {
+        UpstreamReply::for_test(status, headers, body)
     }
 
     /// `ran` for a chat completion routed to one upstream named `primary`.

@@ -223,15 +223,7 @@ mod tests {
     }
 
     fn reply(status: u16, headers: &[(&str, &str)]) -> AttemptOutcome {
-        AttemptOutcome::Reply(UpstreamReply {
-            status,
-            headers: headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            body: "{}".into(),
-            oversized: false,
-        })
+        AttemptOutcome::Reply(UpstreamReply::for_test(status, headers, "{}"))
     }
 
     fn failed(kind: FailureKind) -> AttemptOutcome {

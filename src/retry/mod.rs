@@ -76,6 +76,20 @@ impl UpstreamReply {
         let v: serde_json::Value = serde_json::from_slice(&self.body).ok()?;
         v.get("error")?.get("code")?.as_str().map(str::to_owned)
     }
+
+    /// A complete (not oversized) reply, for the crate's unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(status: u16, headers: &[(&str, &str)], body: &str) -> Self {
+        UpstreamReply {
+            status,
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            body: Bytes::copy_from_slice(body.as_bytes()),
+            oversized: false,
+        }
+    }
 }
 
 /// What one attempt produced.

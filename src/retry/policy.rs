@@ -109,15 +109,7 @@ mod tests {
     use super::*;
 
     fn reply(status: u16, headers: &[(&str, &str)], body: &str) -> UpstreamReply {
-        UpstreamReply {
-            status,
-            headers: headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            body: body.as_bytes().to_vec().into(),
-            oversized: false,
-        }
+        UpstreamReply::for_test(status, headers, body)
     }
 
     fn verdict_of(status: u16, headers: &[(&str, &str)], body: &str) -> Verdict {
