@@ -22,7 +22,9 @@ use std::time::Instant;
 use openai_lambda_proxy::Proxy;
 use openai_simulator::{Simulator, parse_script};
 use serde_json::{Value, json};
-use support::events::{bearer, invoke_within, now_ms, proxy_for, request_id, simulator, v1, v2};
+use support::events::{
+    Answer, answer_within, bearer, now_ms, proxy_for, request_id, simulator, v1, v2,
+};
 use support::logs::{self, LogCheck};
 
 const SERVER_KEY: &str = "sk-sim-server-key-0123456789";
@@ -99,47 +101,9 @@ fn chat_event(extra: Value, age_ms: u64) -> Value {
     event
 }
 
-struct Answer {
-    status: u16,
-    headers: serde_json::Map<String, Value>,
-    body: String,
-    /// From the call of the handler to its answer.
-    elapsed_ms: u64,
-    /// From the event's gateway start time (`timeEpoch` / `requestTimeEpoch`), the clock the
-    /// deadline counts from, to the answer.
-    since_gateway_ms: u64,
-    request_id: String,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or(Value::Null)
-    }
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(Value::as_str)
-    }
-}
-
 /// Invokes the handler with a real Lambda deadline `lambda_ms` from now.
 async fn invoke(h: &Harness, event: Value, lambda_ms: u64) -> Answer {
-    let request_id = request_id("lambda-req");
-    let context = &event["requestContext"];
-    let gateway_start = context["timeEpoch"]
-        .as_u64()
-        .or(context["requestTimeEpoch"].as_u64())
-        .unwrap_or_else(now_ms);
-    let started = Instant::now();
-    let out = invoke_within(&h.proxy, event, &request_id, lambda_ms).await;
-    let elapsed_ms = started.elapsed().as_millis() as u64;
-    let since_gateway_ms = now_ms().saturating_sub(gateway_start);
-    Answer {
-        status: support::events::status(&out) as u16,
-        headers: out["headers"].as_object().cloned().unwrap_or_default(),
-        body: out["body"].as_str().unwrap_or_default().to_owned(),
-        elapsed_ms,
-        since_gateway_ms,
-        request_id,
-    }
+    answer_within(&h.proxy, event, "lambda-req", lambda_ms).await
 }
 
 async fn chat(h: &Harness, extra: Value) -> Answer {

@@ -6,12 +6,11 @@
 mod support;
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use openai_lambda_proxy::Proxy;
 use openai_simulator::{Simulator, parse_script};
 use serde_json::{Value, json};
-use support::events::{bearer, invoke_within, proxy, request_id, simulator, v2};
+use support::events::{Answer, answer_within, bearer, proxy, simulator, v2};
 use support::logs::{self, LogCheck};
 
 const PRIMARY_KEY: &str = "sk-primary-key-0123456789";
@@ -62,23 +61,6 @@ fn proxy_with(list: &str, extra: &[(&str, &str)]) -> Arc<Proxy> {
     proxy(&[&defaults[..], extra].concat(), None)
 }
 
-struct Answer {
-    status: u16,
-    headers: serde_json::Map<String, Value>,
-    body: String,
-    elapsed_ms: u64,
-    request_id: String,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or(Value::Null)
-    }
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(Value::as_str)
-    }
-}
-
 async fn chat_model(p: &Arc<Proxy>, model: &str) -> Answer {
     let auth = bearer(CLIENT_TOKEN);
     let body = json!({"model": model, "temperature": 0.2,
@@ -89,16 +71,7 @@ async fn chat_model(p: &Arc<Proxy>, model: &str) -> Answer {
         ("content-type", "application/json"),
     ];
     let event = v2("POST", "/v1/chat/completions", &headers, Some(&body));
-    let id = request_id("upstreams");
-    let started = Instant::now();
-    let out = invoke_within(p, event, &id, 60_000).await;
-    Answer {
-        status: out["statusCode"].as_u64().unwrap() as u16,
-        headers: out["headers"].as_object().cloned().unwrap_or_default(),
-        body: out["body"].as_str().unwrap_or_default().to_owned(),
-        elapsed_ms: started.elapsed().as_millis() as u64,
-        request_id: id,
-    }
+    answer_within(p, event, "upstreams", 60_000).await
 }
 
 async fn chat(p: &Arc<Proxy>) -> Answer {

@@ -105,6 +105,54 @@ pub async fn invoke_within(proxy: &Arc<Proxy>, event: Value, id: &str, budget_ms
     proxy.handle_event(event, invocation).await
 }
 
+/// A buffered answer as a caller sees it, with how long it took.
+pub struct Answer {
+    pub status: u16,
+    pub headers: Map<String, Value>,
+    pub body: String,
+    /// From the call of the handler to its answer.
+    pub elapsed_ms: u64,
+    /// From the event's gateway start time (`timeEpoch` / `requestTimeEpoch`), the clock the
+    /// deadline counts from, to the answer.
+    pub since_gateway_ms: u64,
+    pub request_id: String,
+}
+
+impl Answer {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(Value::as_str)
+    }
+}
+
+/// Runs one event (request id `<prefix>-N`) with a Lambda deadline `lambda_ms` from now.
+pub async fn answer_within(
+    proxy: &Arc<Proxy>,
+    event: Value,
+    prefix: &str,
+    lambda_ms: u64,
+) -> Answer {
+    let request_id = request_id(prefix);
+    let context = &event["requestContext"];
+    let gateway_start = context["timeEpoch"]
+        .as_u64()
+        .or(context["requestTimeEpoch"].as_u64())
+        .unwrap_or_else(now_ms);
+    let started = std::time::Instant::now();
+    let out = invoke_within(proxy, event, &request_id, lambda_ms).await;
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    Answer {
+        status: status(&out) as u16,
+        headers: out["headers"].as_object().cloned().unwrap_or_default(),
+        body: out["body"].as_str().unwrap_or_default().to_owned(),
+        elapsed_ms,
+        since_gateway_ms: now_ms().saturating_sub(gateway_start),
+        request_id,
+    }
+}
+
 /// Runs one event with a 20 s Lambda deadline; returns the response and the request id used.
 pub async fn invoke(proxy: &Arc<Proxy>, event: Value) -> (Value, String) {
     let id = request_id("req");
