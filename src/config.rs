@@ -4,6 +4,7 @@
 //! the edge answers every proxied request with 500 `config_error` while `/health` keeps working.
 
 use std::fmt;
+use std::sync::Arc;
 
 use reqwest::Url;
 
@@ -344,8 +345,10 @@ fn upstreams(
 ) -> Result<UpstreamsSource, ConfigError> {
     match (env.get("UPSTREAMS_SECRET_ARN"), env.get("UPSTREAMS")) {
         (Some(arn), _) => Ok(UpstreamsSource::SecretArn(arn)),
-        (None, Some(raw)) => Ok(UpstreamsSource::List(parse_upstreams("UPSTREAMS", &raw)?)),
-        (None, None) => Ok(UpstreamsSource::List(vec![default()?])),
+        (None, Some(raw)) => Ok(UpstreamsSource::List(
+            parse_upstreams("UPSTREAMS", &raw)?.into(),
+        )),
+        (None, None) => Ok(UpstreamsSource::List(Arc::from([default()?]))),
     }
 }
 

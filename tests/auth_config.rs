@@ -592,7 +592,7 @@ async fn a_request_that_cannot_be_built_is_a_config_error_naming_the_setting_not
         _ => unreachable!("a list from the §7 settings"),
     };
     let set_first = |s: &mut openai_lambda_proxy::config::Settings, spec| {
-        s.upstreams = openai_lambda_proxy::upstreams::UpstreamsSource::List(vec![spec]);
+        s.upstreams = openai_lambda_proxy::upstreams::UpstreamsSource::List(vec![spec].into());
     };
     let p = proxy_with_settings(&sim, |s| {
         let mut spec = first(s);

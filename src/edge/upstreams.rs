@@ -84,7 +84,7 @@ impl Proxy {
         within: std::time::Duration,
     ) -> Result<Arc<[UpstreamSpec]>, ConfigError> {
         match &ready.settings.upstreams {
-            UpstreamsSource::List(list) => Ok(Arc::from(list.as_slice())),
+            UpstreamsSource::List(list) => Ok(list.clone()),
             UpstreamsSource::SecretArn(arn) => {
                 let list = self.secrets.upstreams(arn, within).await?;
                 let names: Vec<&str> = list.iter().map(|u| u.name.as_str()).collect();

@@ -12,6 +12,7 @@ pub mod naming;
 pub mod routing;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -61,8 +62,9 @@ impl UpstreamSpec {
 /// Where the upstream list comes from.
 #[derive(Clone, Debug)]
 pub enum UpstreamsSource {
-    /// `UPSTREAMS`, or the single `openai` upstream built from the §7 settings.
-    List(Vec<UpstreamSpec>),
+    /// `UPSTREAMS`, or the single `openai` upstream built from the §7 settings. Shared, so a
+    /// request takes the list without copying it.
+    List(Arc<[UpstreamSpec]>),
     /// `UPSTREAMS_SECRET_ARN`: the same JSON, read from Secrets Manager at the first request.
     SecretArn(String),
 }
